@@ -1,0 +1,43 @@
+# tensorpoly: every entry point. `make help` lists them.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+MODEL   ?= tensorpoly1
+BACKBONE ?= t0_3b
+N_TASKS ?= 313
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export WANDB_MODE ?= disabled
+
+.PHONY: help setup test test-slow params train eval tables
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+setup: $(STAMP)  ## create .venv and install the pinned requirements (first use only)
+
+$(STAMP): requirements.txt pyproject.toml
+	python3 -m venv .venv
+	.venv/bin/pip install -q -U pip
+	.venv/bin/pip install -q -r requirements.txt
+	# promptsource pins an old stack and claims python<3.10: install it alone, without its dependencies
+	.venv/bin/pip install -q --no-deps --ignore-requires-python promptsource==0.2.3
+	.venv/bin/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+test: $(STAMP)  ## run the test suite (CPU, under 10 minutes)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)  ## run only the slow checks
+	$(PY) -m pytest -q -m slow
+
+params: $(STAMP)  ## parameter report: make params MODEL=tensorpoly1 BACKBONE=t0_3b N_TASKS=313 (MODEL=all for every type)
+	$(PY) scripts/param_report.py --model $(MODEL) --backbone $(BACKBONE) --n-tasks $(N_TASKS)
+
+train:  ## multi-task training (arrives with the training issue)
+	@echo "make train is not built yet: it arrives with the training issue (#6)"; exit 2
+
+eval:  ## zero-shot / few-shot evaluation (arrives with the training issue)
+	@echo "make eval is not built yet: it arrives with the training issue (#6)"; exit 2
+
+tables:  ## paper tables from results/ (arrives with the results issue)
+	@echo "make tables is not built yet: it arrives with the results issue (#7)"; exit 2
