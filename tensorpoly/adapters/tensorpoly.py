@@ -1,0 +1,38 @@
+"""TensorPoly-I and TensorPoly-II: task routing over TLoRA experts.
+
+TensorPoly-I mixes after the product (each expert is a full TLoRA, experts = tensor-rank terms):
+    A_t = sum_s w[t, s] TLoRA(U[:, s]),   B_t = sum_s w[t, s] TLoRA(V[:, s])
+TensorPoly-II mixes the leaves of each order position, then takes the product:
+    A_t = TLoRA(u~),  u~_j = sum_s w[t, j, s] U[j, s]   (likewise B with V), one distribution per j.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..tensor_product import build_rows
+from .tlora import TensorFactors
+
+
+class TensorPolyILinear(TensorFactors):
+    routed = True
+    expert_axes = 1
+
+    def factors(self, weights):
+        w = weights[:, 0].to(self.leaves_A.dtype)  # [U, S]
+        A_experts = build_rows(self.leaves_A.transpose(0, 1), self.in_features, self.norms_A)  # [S, r, d_in]
+        B_experts = build_rows(self.leaves_B.transpose(0, 1), self.out_features, self.norms_B)  # [S, r, d_out]
+        return torch.einsum("us,srd->udr", w, A_experts), torch.einsum("us,srd->urd", w, B_experts)
+
+
+class TensorPolyIILinear(TensorFactors):
+    routed = True
+    expert_axes = 1
+    paper_init = "xavier"
+
+    def factors(self, weights):
+        w = weights.to(self.leaves_A.dtype)  # [U, N, S]
+        mixed_A = torch.einsum("uns,nsrl->unrl", w, self.leaves_A)
+        mixed_B = torch.einsum("uns,nsrl->unrl", w, self.leaves_B)
+        A = build_rows(mixed_A, self.in_features, self.norms_A)  # [U, r, d_in]
+        B = build_rows(mixed_B, self.out_features, self.norms_B)  # [U, r, d_out]
+        return A.transpose(1, 2), B

@@ -1,0 +1,104 @@
+"""The TLoRA construction: factor rows as truncated Kronecker products of short leaves.
+
+A factor with r rows of length d is stored as N leaves per row, each of length
+l = ceil(d^(1/N)). Row i is
+
+    N = 1:  u1                                      (no product, no norm: plain LoRA)
+    N = 2:  LN(u1 ⊗ u2)[:d]
+    N = 4:  (LN(u1 ⊗ u2) ⊗ LN(u3 ⊗ u4))[:d]
+    N = 3:  (LN(u1 ⊗ u2) ⊗ u3)[:d]                  (odd N: the last leaf stays unpaired)
+
+i.e. leaves are paired left to right, each leaf pair's product is normalised (the paper
+code's LayerNorm over [r, l^2]), and the normalised pairs (plus an unpaired last leaf for
+odd N) are multiplied without further normalisation. Because the Kronecker product is
+associative, how those higher products are bracketed does not change the result; for
+N in {1, 2, 4} this is exactly the paper code's balanced tree, and it extends it to every N.
+⊗ is the flattened outer product with the first factor as the major index.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def integer_root_ceil(d: int, n: int) -> int:
+    """Smallest integer l with l**n >= d (exact; float roots can under-round)."""
+    if d < 1 or n < 1:
+        raise ValueError(f"need d >= 1 and n >= 1, got d={d}, n={n}")
+    guess = max(1, round(d ** (1.0 / n)))
+    while guess**n < d:
+        guess += 1
+    while guess > 1 and (guess - 1) ** n >= d:
+        guess -= 1
+    return guess
+
+
+def leaf_length(d: int, order: int) -> int:
+    return integer_root_ceil(d, order)
+
+
+def n_leaf_pairs(order: int) -> int:
+    return order // 2
+
+
+class PairNorm(nn.Module):
+    """LayerNorm of one leaf-pair product, of shape [..., r, l^2].
+
+    "joint" pools the statistics over all r rows and l^2 entries (the paper code's
+    nn.LayerNorm([r, l^2])); "row" normalises every row on its own.
+    """
+
+    def __init__(self, rank: int, pair_len: int, scope: str, eps: float, affine_trainable: bool):
+        super().__init__()
+        self.scope, self.eps = scope, eps
+        shape = (rank, pair_len) if scope == "joint" else (pair_len,)
+        self.weight = nn.Parameter(torch.ones(shape), requires_grad=affine_trainable)
+        self.bias = nn.Parameter(torch.zeros(shape), requires_grad=affine_trainable)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(z, tuple(self.weight.shape), self.weight, self.bias, self.eps)
+
+
+def make_pair_norms(order: int, rank: int, leaf: int, scope: str, shared: bool, eps: float,
+                    affine_trainable: bool) -> nn.ModuleList:
+    """The norms of one factor side: one per leaf pair, or one shared by all pairs."""
+    pairs = n_leaf_pairs(order)
+    if scope == "none" or pairs == 0:
+        return nn.ModuleList()
+    count = 1 if shared else pairs
+    return nn.ModuleList(PairNorm(rank, leaf * leaf, scope, eps, affine_trainable) for _ in range(count))
+
+
+def kron_rows(a: torch.Tensor, b: torch.Tensor, keep: int | None = None) -> torch.Tensor:
+    """Row-wise Kronecker product of [..., r, p] and [..., r, q] -> [..., r, p*q] (first `keep`)."""
+    if keep is not None:
+        # Entries past `keep` only come from rows of `a` past ceil(keep / q): drop them first.
+        a = a[..., : math.ceil(keep / b.shape[-1])]
+    out = (a.unsqueeze(-1) * b.unsqueeze(-2)).flatten(-2)
+    return out if keep is None else out[..., :keep]
+
+
+def build_rows(leaves: torch.Tensor, d: int, norms: nn.ModuleList) -> torch.Tensor:
+    """Factor rows from leaves [..., N, r, l] -> [..., r, d].
+
+    `norms` holds one PairNorm per leaf pair, one shared by all pairs, or none.
+    """
+    order = leaves.shape[-3]
+    factors = []
+    for p in range(n_leaf_pairs(order)):
+        pair = kron_rows(leaves[..., 2 * p, :, :], leaves[..., 2 * p + 1, :, :])
+        if len(norms):
+            pair = norms[min(p, len(norms) - 1)](pair)
+        factors.append(pair)
+    if order % 2:
+        factors.append(leaves[..., order - 1, :, :])
+    out = factors[0]
+    remaining = math.prod(f.shape[-1] for f in factors[1:])
+    for f in factors[1:]:
+        remaining //= f.shape[-1]
+        # Truncate as we go: only the first ceil(d / remaining) entries can reach the first d.
+        out = kron_rows(out, f, keep=math.ceil(d / remaining))
+    return out[..., :d]
