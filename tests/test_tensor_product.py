@@ -1,0 +1,78 @@
+"""The TLoRA construction against an independent computation (torch.kron, explicit statistics)."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from reference import reference_rows
+from tensorpoly.tensor_product import build_rows, integer_root_ceil, leaf_length, make_pair_norms
+
+
+@pytest.mark.parametrize("d,n,expected", [(2048, 2, 46), (2048, 4, 7), (5120, 2, 72), (5120, 4, 9),
+                                          (1024, 4, 6), (2816, 4, 8), (2048, 1, 2048), (4096, 4, 8)])
+def test_leaf_lengths_of_t5_dimensions(d, n, expected):
+    assert leaf_length(d, n) == expected
+
+
+def test_integer_root_is_exact_where_float_roots_fail():
+    # 11**5 = 161051, and 161051 ** (1/5) is 11.000000000000002 on IEEE doubles: ceil gives 12.
+    assert math.ceil(161051 ** (1 / 5)) == 12
+    assert integer_root_ceil(161051, 5) == 11
+    for d in range(1, 3000):
+        for n in (1, 2, 3, 4, 5):
+            q = integer_root_ceil(d, n)
+            assert q**n >= d and (q == 1 or (q - 1) ** n < d)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("scope,shared", [("joint", True), ("joint", False), ("row", False), ("none", True)])
+def test_build_rows_matches_kronecker_reference(order, scope, shared):
+    torch.manual_seed(order)
+    r, d = 3, 37
+    leaf = leaf_length(d, order)
+    leaves = torch.randn(order, r, leaf, dtype=torch.float64)
+    norms = make_pair_norms(order, r, leaf, scope, shared, 1e-5, affine_trainable=True).double()
+    with torch.no_grad():
+        for norm in norms:
+            norm.weight.add_(0.3 * torch.randn_like(norm.weight))
+            norm.bias.add_(0.3 * torch.randn_like(norm.bias))
+    got = build_rows(leaves, d, norms)
+    want = reference_rows(leaves, d, None if scope == "none" or order < 2 else norms, scope, shared)
+    assert got.shape == (r, d)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_batched_leaves_build_each_set_independently():
+    leaves = torch.randn(5, 4, 2, 3, 4, dtype=torch.float64)  # [batch..., N, r, l]
+    norms = make_pair_norms(4, 3, 4, "joint", True, 1e-5, False).double()
+    got = build_rows(leaves, 200, norms)
+    for idx in [(0, 0), (4, 1), (2, 0)]:
+        torch.testing.assert_close(got[idx], build_rows(leaves[idx], 200, norms))
+
+
+def test_order_one_has_no_norm_and_returns_the_leaves():
+    leaves = torch.randn(1, 4, 9)
+    assert len(make_pair_norms(1, 4, 9, "joint", True, 1e-5, False)) == 0
+    torch.testing.assert_close(build_rows(leaves, 9, nn.ModuleList()), leaves[0])
+
+
+def test_norm_counts_follow_the_paper_sharing():
+    # TensorPoly-I shares one LN over both pairs at order 4; TensorPoly-II has one per pair.
+    assert len(make_pair_norms(4, 16, 7, "joint", True, 1e-5, False)) == 1
+    assert len(make_pair_norms(4, 16, 7, "joint", False, 1e-5, False)) == 2
+    assert len(make_pair_norms(8, 16, 3, "joint", False, 1e-5, False)) == 4
+    ln = make_pair_norms(2, 16, 46, "joint", True, 1e-5, False)[0]
+    assert tuple(ln.weight.shape) == (16, 46 * 46) and not ln.weight.requires_grad
+
+
+def test_joint_norm_is_eps_dominated_for_tiny_leaves():
+    # The paper's inits give pair products with variance far below eps: LN ~ z / sqrt(eps).
+    torch.manual_seed(0)
+    bound = math.sqrt(1 / 3) / math.sqrt(2048)
+    leaves = torch.empty(2, 16, 46, dtype=torch.float64).uniform_(-bound, bound)
+    norms = make_pair_norms(2, 16, 46, "joint", True, 1e-5, False).double()
+    rows = build_rows(leaves, 2048, norms)
+    raw = reference_rows(leaves, 2048, None)
+    ratio = (rows.std() / raw.std()).item()
+    assert 0.9 / math.sqrt(1e-5) < ratio < 1.0 / math.sqrt(1e-5)
