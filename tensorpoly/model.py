@@ -67,11 +67,12 @@ class TensorPolyModel(nn.Module):
         self.routers = nn.ModuleDict()
         for p in model.parameters():
             p.requires_grad_(False)
-        device = next(model.parameters()).device
+        first = next(model.parameters())
         for key in dict.fromkeys(keys):
-            with torch.device(device):
-                self.routers[_module_key(key)] = Router(config.n_tasks, config.router_splits, config.n_experts,
-                                                        config.relaxed_bernoulli)
+            # Adapters and routers take the backbone's device and dtype, as the adapter layers do.
+            with torch.device(first.device):
+                router = Router(config.n_tasks, config.router_splits, config.n_experts, config.relaxed_bernoulli)
+            self.routers[_module_key(key)] = router.to(first.dtype)
         self.adapter_names: list[str] = []
         for i, (name, linear) in enumerate(targets):
             adapter = cls(linear, config)

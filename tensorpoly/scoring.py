@@ -16,7 +16,8 @@ IGNORE = -100
 def sequence_log_likelihood(logits: torch.Tensor, labels: torch.Tensor, length_norm: bool) -> torch.Tensor:
     """Sum (or per-token mean) of log p(label) over positions whose label is not IGNORE."""
     mask = labels.ne(IGNORE)
-    logp = F.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    # At least fp32: bf16 log-probabilities are too coarse to rank close choices.
+    logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     total = (logp * mask).sum(-1)
     return total / mask.sum(-1).clamp_min(1) if length_norm else total
 

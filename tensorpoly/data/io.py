@@ -25,11 +25,22 @@ def atomic_path(final: str | os.PathLike):
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent)) / final.name
     try:
         yield tmp
+        _publish_mode(tmp)
         if final.is_dir() and not final.is_symlink():
             shutil.rmtree(final)
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def _publish_mode(path: Path) -> None:
+    """mkdtemp makes 0700 directories; give published data ordinary permissions."""
+    if path.is_dir():
+        os.chmod(path, 0o755)
+        for p in path.rglob("*"):
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    elif path.exists():
+        os.chmod(path, 0o644)
 
 
 def write_jsonl(path: str | os.PathLike, rows) -> None:

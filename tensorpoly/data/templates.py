@@ -97,16 +97,16 @@ class PromptTemplate:
         inp, tgt = parts
         label = None
         if choices is not None:
-            choices = [c for c in choices]
             if any(not c for c in choices):
                 if strict:
                     raise DataError(f"{where}: an answer choice renders empty: {choices!r}")
                 return None
-            if tgt not in choices:
-                if strict:
-                    raise DataError(f"{where}: target {tgt!r} is not one of the answer choices {choices!r}")
-                return None
-            label = choices.index(tgt)
+            if tgt in choices:
+                label = choices.index(tgt)
+            elif strict:
+                raise DataError(f"{where}: target {tgt!r} is not one of the answer choices {choices!r}")
+            # else: a training pair whose target is not a choice (e.g. imdb "Negation template" appends
+            # " review."): still a valid LM example, with label None
         return Example(input=inp, target=tgt, answer_choices=choices, label=label, task=task,
                        dataset=self.dataset, template=self.name, idx=idx)
 
