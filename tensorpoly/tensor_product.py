@@ -51,25 +51,25 @@ class PairNorm(nn.Module):
     nn.LayerNorm([r, l^2])); "row" normalises every row on its own.
     """
 
-    def __init__(self, rank: int, pair_len: int, scope: str, eps: float, affine_trainable: bool):
+    def __init__(self, rank: int, pair_len: int, scope: str, eps: float, affine_trainable: bool, **factory):
         super().__init__()
         self.scope, self.eps = scope, eps
         shape = (rank, pair_len) if scope == "joint" else (pair_len,)
-        self.weight = nn.Parameter(torch.ones(shape), requires_grad=affine_trainable)
-        self.bias = nn.Parameter(torch.zeros(shape), requires_grad=affine_trainable)
+        self.weight = nn.Parameter(torch.ones(shape, **factory), requires_grad=affine_trainable)
+        self.bias = nn.Parameter(torch.zeros(shape, **factory), requires_grad=affine_trainable)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(z, tuple(self.weight.shape), self.weight, self.bias, self.eps)
 
 
 def make_pair_norms(order: int, rank: int, leaf: int, scope: str, shared: bool, eps: float,
-                    affine_trainable: bool) -> nn.ModuleList:
+                    affine_trainable: bool, **factory) -> nn.ModuleList:
     """The norms of one factor side: one per leaf pair, or one shared by all pairs."""
     pairs = n_leaf_pairs(order)
     if scope == "none" or pairs == 0:
         return nn.ModuleList()
     count = 1 if shared else pairs
-    return nn.ModuleList(PairNorm(rank, leaf * leaf, scope, eps, affine_trainable) for _ in range(count))
+    return nn.ModuleList(PairNorm(rank, leaf * leaf, scope, eps, affine_trainable, **factory) for _ in range(count))
 
 
 def kron_rows(a: torch.Tensor, b: torch.Tensor, keep: int | None = None) -> torch.Tensor:
