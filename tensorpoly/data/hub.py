@@ -128,7 +128,10 @@ def import_storycloze(src: Path, t: EvalTask, root: Path = T0_DIR) -> None:
 
     src = Path(src)
     files = sorted(src.glob("*.csv"))
-    pick = {"validation": [f for f in files if "val" in f.name.lower()], "test": [f for f in files if "test" in f.name.lower()]}
+    # ROCStories names them "cloze_test_val__spring2016 - ..." and "cloze_test_test__spring2016 - ...":
+    # both contain "test", so the test file is the one *without* "val".
+    pick = {"validation": [f for f in files if "val" in f.name.lower()],
+            "test": [f for f in files if "test" in f.name.lower() and "val" not in f.name.lower()]}
     for split, fs in pick.items():
         if len(fs) != 1:
             raise DataError(f"{src}: expected one StoryCloze CSV whose name contains {'val' if split == 'validation' else 'test'!r}, "
