@@ -1,7 +1,7 @@
 # tensorpoly: every entry point. `make help` lists them.
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
-MODEL   ?= tensorpoly1
+MODEL   ?=
 BACKBONE ?= t0_3b
 N_TASKS ?= 313
 export HF_HUB_OFFLINE ?= 1
@@ -30,8 +30,8 @@ test: $(STAMP)  ## run the test suite (CPU, under 10 minutes)
 test-slow: $(STAMP)  ## run only the slow checks
 	$(PY) -m pytest -q -m slow
 
-params: $(STAMP)  ## parameter report: make params MODEL=tensorpoly1 BACKBONE=t0_3b N_TASKS=313 (MODEL=all for every type)
-	$(PY) scripts/param_report.py --model $(MODEL) --backbone $(BACKBONE) --n-tasks $(N_TASKS)
+params: $(STAMP)  ## parameter report: make params [MODEL=tensorpoly1] [BACKBONE=t0_3b] [N_TASKS=313] (every type by default)
+	$(PY) scripts/param_report.py --model $(or $(MODEL),all) --backbone $(BACKBONE) --n-tasks $(N_TASKS)
 
 train:  ## multi-task training (arrives with the training issue)
 	@echo "make train is not built yet: it arrives with the training issue (#6)"; exit 2
