@@ -51,15 +51,35 @@ def layer_side(name: str) -> str | None:
     return head if head in ("encoder", "decoder") else None
 
 
+def check_targets(model: nn.Module, config: AdapterConfig) -> tuple[list[tuple[str, nn.Linear]], list[str]]:
+    """Validate config against the model's layers without changing anything; (targets, router keys)."""
+    config.validate()
+    targets = find_targets(model, config)
+    cls = ADAPTERS[config.module_type]
+    for name, linear in targets:
+        cls.check_shape(config, linear.in_features, linear.out_features, name)
+    keys = [granularity_key(name, config.granularity) for name, _ in targets] if config.routed else []
+    return targets, keys
+
+
+def check_config(config: AdapterConfig, hf_config) -> None:
+    """Raise ConfigError if config does not fit a backbone of this HF config.
+
+    Runs on the meta device from the config alone, so a bad setting is caught before
+    multi-GB weights are loaded.
+    """
+    from transformers import AutoModelForSeq2SeqLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForSeq2SeqLM.from_config(hf_config)
+    check_targets(skeleton, config)
+
+
 class TensorPolyModel(nn.Module):
     def __init__(self, model: nn.Module, config: AdapterConfig):
         super().__init__()
-        config.validate()
-        targets = find_targets(model, config)
+        targets, keys = check_targets(model, config)
         cls = ADAPTERS[config.module_type]
-        for name, linear in targets:
-            cls.check_shape(config, linear.in_features, linear.out_features, name)
-        keys = [granularity_key(name, config.granularity) for name, _ in targets] if config.routed else []
 
         self.config = config
         self.model = model

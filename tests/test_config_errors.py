@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from conftest import TASKS, tiny_t5
+from conftest import TASKS, tiny_t5, tiny_t5_config
 from tensorpoly import AdapterConfig, ConfigError, TensorPolyModel
 from tensorpoly.backbones import backbone_config
+from tensorpoly.model import check_config
 
 
 @pytest.mark.parametrize("fields,message", [
@@ -64,3 +65,13 @@ def test_wrapping_twice_is_refused():
 def test_unknown_backbone_names_the_choices():
     with pytest.raises(ConfigError, match=r"unknown backbone 't0_7b'; choose one of .*t0_3b"):
         backbone_config("t0_7b")
+
+
+def test_config_is_checked_against_a_backbone_config_without_weights():
+    check_config(AdapterConfig(module_type="mhr", n_splits=4, task_names=TASKS), tiny_t5_config())
+    with pytest.raises(ConfigError, match=r"n_splits=64 must divide both dimensions of encoder.block.0.layer.0.SelfAttention.q \(24->24\)"):
+        check_config(AdapterConfig(module_type="mhr", n_splits=64, task_names=TASKS), tiny_t5_config())
+    # T0-3B shapes: 2048 and 5120 are both divisible by 64, not by 3.
+    check_config(AdapterConfig(module_type="mhr", n_splits=64, task_names=TASKS), backbone_config("t0_3b"))
+    with pytest.raises(ConfigError, match="n_splits=3 must divide"):
+        check_config(AdapterConfig(module_type="mhr", n_splits=3, task_names=TASKS), backbone_config("t0_3b"))
