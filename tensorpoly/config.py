@@ -43,6 +43,8 @@ class AdapterConfig:
     share_norm: one LayerNorm for every leaf pair of a factor (paper's TensorPoly-I/TLoRA) or one
         per pair (paper's TensorPoly-II). None picks the paper's choice for the module type.
     norm_affine_trainable: the paper's sota configs keep the LN affine frozen at identity.
+    norm_over_padding: the paper code's LN statistics include the entries that truncation to d
+        drops afterwards; False computes them over the surviving entries only.
     init: "paper" reproduces the paper code (TensorPoly leaves all non-zero, so the adapter is not
         zero at initialisation); "zero_b" zeroes the last B leaf so the update starts at zero as LoRA.
     relaxed_bernoulli: sample routing weights from RelaxedBernoulli(T=1) during training
@@ -62,6 +64,7 @@ class AdapterConfig:
     share_norm: bool | None = None
     norm_eps: float = 1e-5
     norm_affine_trainable: bool = False
+    norm_over_padding: bool = True
     init: str = "paper"
     relaxed_bernoulli: bool = False
 

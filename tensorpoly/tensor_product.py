@@ -51,25 +51,35 @@ class PairNorm(nn.Module):
     nn.LayerNorm([r, l^2])); "row" normalises every row on its own.
     """
 
-    def __init__(self, rank: int, pair_len: int, scope: str, eps: float, affine_trainable: bool, **factory):
+    def __init__(self, rank: int, pair_len: int, scope: str, eps: float, affine_trainable: bool,
+                 over_padding: bool = True, **factory):
         super().__init__()
-        self.scope, self.eps = scope, eps
+        self.scope, self.eps, self.over_padding = scope, eps, over_padding
         shape = (rank, pair_len) if scope == "joint" else (pair_len,)
         self.weight = nn.Parameter(torch.ones(shape, **factory), requires_grad=affine_trainable)
         self.bias = nn.Parameter(torch.zeros(shape, **factory), requires_grad=affine_trainable)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(z, tuple(self.weight.shape), self.weight, self.bias, self.eps)
+    def forward(self, z: torch.Tensor, used: int | None = None) -> torch.Tensor:
+        """Normalise z; with over_padding=False the statistics use only its first `used` entries,
+        the ones that survive truncation to d (the rest are dropped after the product anyway)."""
+        if self.over_padding or used is None or used >= z.shape[-1]:
+            return F.layer_norm(z, tuple(self.weight.shape), self.weight, self.bias, self.eps)
+        dims = (-2, -1) if self.scope == "joint" else (-1,)
+        kept = z[..., :used]
+        mean = kept.mean(dims, keepdim=True)
+        var = kept.var(dims, unbiased=False, keepdim=True)
+        return (z - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
 
 
 def make_pair_norms(order: int, rank: int, leaf: int, scope: str, shared: bool, eps: float,
-                    affine_trainable: bool, **factory) -> nn.ModuleList:
+                    affine_trainable: bool, over_padding: bool = True, **factory) -> nn.ModuleList:
     """The norms of one factor side: one per leaf pair, or one shared by all pairs."""
     pairs = n_leaf_pairs(order)
     if scope == "none" or pairs == 0:
         return nn.ModuleList()
     count = 1 if shared else pairs
-    return nn.ModuleList(PairNorm(rank, leaf * leaf, scope, eps, affine_trainable, **factory) for _ in range(count))
+    return nn.ModuleList(PairNorm(rank, leaf * leaf, scope, eps, affine_trainable, over_padding, **factory)
+                         for _ in range(count))
 
 
 def kron_rows(a: torch.Tensor, b: torch.Tensor, keep: int | None = None) -> torch.Tensor:
@@ -81,17 +91,28 @@ def kron_rows(a: torch.Tensor, b: torch.Tensor, keep: int | None = None) -> torc
     return out if keep is None else out[..., :keep]
 
 
+def entries_reaching_output(lengths: list[int], p: int, d: int) -> int:
+    """How many leading entries of factor p appear in the first d entries of the product.
+
+    Entry i of the product has digit (i // R) mod lengths[p] in factor p, R = product of the
+    later lengths, so over i < d the digits 0 .. ceil(d / R) - 1 occur (all of them if d is large).
+    """
+    later = math.prod(lengths[p + 1:])
+    return min(lengths[p], math.ceil(d / later))
+
+
 def build_rows(leaves: torch.Tensor, d: int, norms: nn.ModuleList) -> torch.Tensor:
     """Factor rows from leaves [..., N, r, l] -> [..., r, d].
 
     `norms` holds one PairNorm per leaf pair, one shared by all pairs, or none.
     """
-    order = leaves.shape[-3]
+    order, leaf = leaves.shape[-3], leaves.shape[-1]
+    lengths = [leaf * leaf] * n_leaf_pairs(order) + [leaf] * (order % 2)
     factors = []
     for p in range(n_leaf_pairs(order)):
         pair = kron_rows(leaves[..., 2 * p, :, :], leaves[..., 2 * p + 1, :, :])
         if len(norms):
-            pair = norms[min(p, len(norms) - 1)](pair)
+            pair = norms[min(p, len(norms) - 1)](pair, used=entries_reaching_output(lengths, p, d))
         factors.append(pair)
     if order % 2:
         factors.append(leaves[..., order - 1, :, :])

@@ -2,24 +2,40 @@
 import torch
 
 
-def joint_ln(z, weight, bias, eps):
-    mean = z.mean()
-    var = ((z - mean) ** 2).mean()
+def joint_ln(z, stats_from, weight, bias, eps):
+    """(z - mean) / sqrt(var + eps) * weight + bias, mean and variance taken over all of stats_from."""
+    mean = stats_from.mean()
+    var = ((stats_from - mean) ** 2).mean()
     return (z - mean) / torch.sqrt(var + eps) * weight + bias
+
+
+def used_digits(lengths, p, d):
+    """Brute force: which leading entries of factor p occur among the first d product entries."""
+    digits = set()
+    for i in range(d):
+        rest = i
+        for q in range(len(lengths) - 1, p, -1):
+            rest //= lengths[q]
+        digits.add(rest % lengths[p])
+    assert digits == set(range(len(digits)))  # always a prefix
+    return len(digits)
 
 
 def reference_rows(leaves, d, norms, scope="joint", shared=True):
     """leaves [N, r, l] -> [r, d], written row by row with torch.kron."""
-    N, r, _ = leaves.shape
+    N, r, leaf = leaves.shape
+    lengths = [leaf * leaf] * (N // 2) + [leaf] * (N % 2)
     factors = []
     for p in range(N // 2):
         pair = torch.stack([torch.kron(leaves[2 * p, i], leaves[2 * p + 1, i]) for i in range(r)])
         if norms is not None:
             norm = norms[0 if shared else p]
-            if scope == "joint":
-                pair = joint_ln(pair, norm.weight, norm.bias, norm.eps)
-            else:
-                pair = torch.stack([joint_ln(row, norm.weight, norm.bias, norm.eps) for row in pair])
+            used = pair.shape[-1] if norm.over_padding else used_digits(lengths, p, d)
+
+            def ln(z):
+                return joint_ln(z, z[..., :used], norm.weight, norm.bias, norm.eps)
+
+            pair = ln(pair) if scope == "joint" else torch.stack([ln(row) for row in pair])
         factors.append(pair)
     if N % 2:
         factors.append(leaves[N - 1])

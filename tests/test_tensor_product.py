@@ -43,6 +43,20 @@ def test_build_rows_matches_kronecker_reference(order, scope, shared):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("order,d", [(2, 37), (4, 37), (4, 200), (3, 30), (6, 37), (2, 49)])
+@pytest.mark.parametrize("scope", ["joint", "row"])
+def test_norm_statistics_without_padding(order, d, scope):
+    torch.manual_seed(d)
+    leaf = leaf_length(d, order)
+    leaves = torch.randn(order, 3, leaf, dtype=torch.float64)
+    norms = make_pair_norms(order, 3, leaf, scope, False, 1e-5, False, over_padding=False).double()
+    got = build_rows(leaves, d, norms)
+    torch.testing.assert_close(got, reference_rows(leaves, d, norms, scope, shared=False), rtol=1e-12, atol=1e-12)
+    with_padding = build_rows(leaves, d, make_pair_norms(order, 3, leaf, scope, False, 1e-5, False).double())
+    # The options differ exactly when truncation drops entries of a normalised pair.
+    assert torch.allclose(got, with_padding) == (leaf**order == d)
+
+
 def test_batched_leaves_build_each_set_independently():
     leaves = torch.randn(5, 4, 2, 3, 4, dtype=torch.float64)  # [batch..., N, r, l]
     norms = make_pair_norms(4, 3, 4, "joint", True, 1e-5, False).double()

@@ -30,7 +30,8 @@ class TensorFactors(AdapterLinear):
         self.leaves_A = nn.Parameter(torch.empty(self.order, *experts, self.rank, self.leaf_A, **kw))
         self.leaves_B = nn.Parameter(torch.empty(self.order, *experts, self.rank, self.leaf_B, **kw))
         norm_kw = dict(scope=config.norm, shared=config.share_norm, eps=config.norm_eps,
-                       affine_trainable=config.norm_affine_trainable, **kw)
+                       affine_trainable=config.norm_affine_trainable,
+                       over_padding=config.norm_over_padding, **kw)
         self.norms_A = make_pair_norms(self.order, self.rank, self.leaf_A, **norm_kw)
         self.norms_B = make_pair_norms(self.order, self.rank, self.leaf_B, **norm_kw)
         self.reset_parameters(config)
