@@ -16,24 +16,44 @@ OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 HEADER = "InputStoryid,InputSentence1,InputSentence2,InputSentence3,InputSentence4,RandomFifthSentenceQuiz1,RandomFifthSentenceQuiz2,AnswerRightEnding\n"
 
 
-def run_prepare(*args):
+sys.path.insert(0, str(ROOT / "scripts"))
+import prepare_data  # noqa: E402
+
+
+def run_prepare(capsys, monkeypatch, *args):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     t = time.time()
-    p = subprocess.run([sys.executable, "scripts/prepare_data.py", *args], cwd=ROOT, env=OFFLINE,
-                       capture_output=True, text=True, timeout=60)
-    return p, time.time() - t
+    rc = prepare_data.main(list(args))
+    return rc, capsys.readouterr().err, time.time() - t
 
 
-def test_offline_fails_fast_naming_missing_datasets():
-    p, secs = run_prepare("--only", "super_glue/rte", "--only", "imdb")
-    assert p.returncode != 0 and secs < 20
-    assert "offline" in p.stderr and "super_glue/rte" in p.stderr and "imdb" in p.stderr
-    assert "make data" in p.stderr  # says how to supply them
+def test_offline_fails_fast_naming_missing_datasets(capsys, monkeypatch):
+    rc, err, secs = run_prepare(capsys, monkeypatch, "--only", "super_glue/rte", "--only", "imdb")
+    assert rc != 0 and secs < 10
+    assert "offline" in err and "super_glue/rte" in err and "imdb" in err
+    assert "make data" in err  # says how to supply them
     assert not (ROOT / "data" / "t0" / "imdb").exists()
 
 
-def test_unknown_dataset_is_named():
-    p, _ = run_prepare("--only", "not_a_dataset")
-    assert p.returncode == 2 and "'not_a_dataset' is not in the registry" in p.stderr
+def test_offline_without_flags_does_not_hang(capsys, monkeypatch):
+    monkeypatch.setattr(prepare_data, "hub_reachable", lambda: False)  # what a machine with no route sees
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    rc = prepare_data.main(["--only", "imdb"])
+    assert rc != 0 and "unreachable" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_offline_message():
+    p = subprocess.run([sys.executable, "scripts/prepare_data.py"], cwd=ROOT, env=OFFLINE, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode != 0 and "story_cloze/2016" in p.stderr and "--storycloze-dir" in p.stderr
+
+
+def test_unknown_dataset_is_named(capsys, monkeypatch):
+    rc, err, _ = run_prepare(capsys, monkeypatch, "--only", "not_a_dataset")
+    assert rc == 2 and "'not_a_dataset' is not in the registry" in err
 
 
 def test_real_hub_call_fails_fast_offline(monkeypatch):
