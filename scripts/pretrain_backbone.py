@@ -82,7 +82,14 @@ def build_model(args, vocab: int) -> T5ForConditionalGeneration:
                    feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
                    relative_attention_num_buckets=32, relative_attention_max_distance=128,
                    decoder_start_token_id=PAD, pad_token_id=PAD, eos_token_id=EOS)
-    return T5ForConditionalGeneration(cfg)
+    model = T5ForConditionalGeneration(cfg)
+    # transformers 5 ties lm_head to the shared embedding whatever the config says (T5Config forces
+    # tie_word_embeddings=True and keeps the v1.1 "no rescale" flag as scale_decoder_outputs). T5 v1.1 /
+    # LM-adapt have an untied head, so untie it here; a checkpoint with its own lm_head.weight reloads untied.
+    # Init std d_model**-0.5 (mesh-tf's) keeps the initial logits O(1) without output rescaling.
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(vocab, args.d_model) * args.d_model ** -0.5)
+    model.config.tie_word_embeddings = False
+    return model
 
 
 @torch.no_grad()

@@ -60,7 +60,7 @@ def sample_template(pool: Sequence[dict], template: PromptTemplate, n_train: int
     for i in order:
         if len(train) >= n_train and len(val) >= n_val:
             break
-        ex = template.render(pool[i], task=task, idx=int(pool[i].get("idx", i)))
+        ex = template.render(pool[i], task=task, idx=i)  # row position in the (capped) pool
         if ex is None:
             skipped += 1
             continue
