@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 
-.PHONY: help setup test test-slow params train eval tables
+.PHONY: help setup test test-slow params data benchmark backbone train eval tables
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -32,6 +32,15 @@ test-slow: $(STAMP)  ## run only the slow checks
 
 params: $(STAMP)  ## parameter report: make params [MODEL=tensorpoly1] [BACKBONE=t0_3b] [N_TASKS=313] (every type by default)
 	$(PY) scripts/param_report.py --model $(or $(MODEL),all) --backbone $(BACKBONE) --n-tasks $(N_TASKS)
+
+data: $(STAMP)  ## T0 data into data/t0/ where the hub is reachable (ARGS="--storycloze-dir DIR --few-shot-dir DIR")
+	$(PY) scripts/prepare_data.py $(ARGS)
+
+benchmark: $(STAMP)  ## regenerate the embedded benchmark under data/benchmark/ (seeded, seconds)
+	$(PY) scripts/build_benchmark.py
+
+backbone: $(STAMP)  ## re-pretrain the embedded backbone data/backbone/ (about 10 minutes on 2 CPU cores)
+	$(PY) scripts/pretrain_backbone.py
 
 train:  ## multi-task training (arrives with the training issue)
 	@echo "make train is not built yet: it arrives with the training issue (#6)"; exit 2
