@@ -19,7 +19,10 @@ def test_loads_offline_in_t5_v11_layout():
     model = T5ForConditionalGeneration.from_pretrained(BACKBONE)
     tok = AutoTokenizer.from_pretrained(BACKBONE)
     cfg = model.config
-    assert type(tok).__name__ == "ByT5Tokenizer" and cfg.vocab_size == len(tok)
+    assert cfg.vocab_size == len(tok) and tok.pad_token_id == 0 and tok.eos_token_id == 1
+    # the repo's SentencePiece vocabulary really is loaded (transformers 5 can silently fall back to ~100 ids)
+    assert len(tok) > 300 and tok.convert_ids_to_tokens(len(tok) - 1) == "<extra_id_0>"
+    assert tok.unk_token_id not in tok("fox owl soup hammer lovely awful", add_special_tokens=False).input_ids
     assert cfg.feed_forward_proj == "gated-gelu" and cfg.scale_decoder_outputs is False  # v1.1: no output rescale
     # untied LM head (transformers 5 forces config.tie_word_embeddings=True; the weights decide)
     assert json.loads((BACKBONE / "config.json").read_text())["tie_word_embeddings"] is False
@@ -50,18 +53,19 @@ def test_pretrained_beats_random_init_on_heldout_text():
     a = A()
     a.__dict__.update(rec["args"])
     docs = P.pretraining_text(seed=999, n_docs=100)  # a different seed: text the backbone never saw verbatim
+    ids = AutoTokenizer.from_pretrained(BACKBONE)(docs, add_special_tokens=False).input_ids
     torch.manual_seed(0)
     random_model = P.build_model(a, model.config.vocab_size).eval()
-    x, m, y = P.make_batch(docs, random.Random(0), 16, a.max_src, a.max_tgt, model.config.vocab_size)
+    x, m, y = P.make_batch(ids, random.Random(0), 16, a.max_src, a.max_tgt, model.config.vocab_size, a.mean_span)
     trained = model(input_ids=x, attention_mask=m, labels=y).loss.item()
     untrained = random_model(input_ids=x, attention_mask=m, labels=y).loss.item()
-    assert trained < 0.6 * untrained and trained < 3.0
+    assert trained < 0.6 * untrained
 
 
 def test_span_corruption_round_trip():
     r = random.Random(0)
     ids = P.encode("The wolf, the owl and the deer are all animals.")
-    src, tgt = P.span_corruption(ids, r, 384)
+    src, tgt = P.span_corruption(ids, r, 384, mean_span=8)
     assert src[-1] == P.EOS and tgt[-1] == P.EOS
     # filling each sentinel in the input with its span from the target gives back the text
     spans, cur = {}, None
