@@ -133,16 +133,47 @@ def evaluate(model, docs, seed, args, vocab, n_batches=20):
     return sum(losses) / len(losses)
 
 
+@torch.no_grad()
+def knowledge_probes(model, tok, seed: int = 0) -> dict:
+    """Does the backbone know its world? Prefix-LM rank classification of true vs false continuations of
+    declarative sentences (the pretraining format, not a task prompt). Chance: category 0.25, others 0.5."""
+    from tensorpoly.data import benchmark_gen as G
+
+    model.eval()
+    r = random.Random(seed)
+
+    def best(src, options):
+        x = tok([src] * len(options), return_tensors="pt", padding=True)
+        y = tok(options, return_tensors="pt", padding=True).input_ids
+        y[y == tok.pad_token_id] = -100
+        logits = model(**x, labels=y).logits
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, reduction="none", ignore_index=-100).sum(1)
+        return int(nll.argmin())
+
+    art = lambda w: "an" if w[0] in "aeiou" else "a"  # noqa: E731
+    cat = sum(G.CATEGORIES[best(f"A {it} is", [f" {art(c)} {c}." for c in G.CATEGORIES])] == G.CATEGORY_OF[it]
+              for it in G.ALL_ITEMS) / len(G.ALL_ITEMS)
+    adjs = G.POSITIVE + G.NEGATIVE
+    pol = sum((best(f"{r.choice(G.NAMES)} was", [f" glad because the {r.choice(G.ALL_ITEMS)} was {a}.",
+                                                   f" sad because the {r.choice(G.ALL_ITEMS)} was {a}."]) == 0)
+              == (a in G.POSITIVE) for a in adjs) / len(adjs)
+    pairs = [r.sample(range(100), 2) for _ in range(100)]
+    order = sum(best(f"{a} is", [f" larger than {b}.", f" smaller than {b}."]) == (0 if a > b else 1)
+                for a, b in pairs) / len(pairs)
+    model.train()
+    return {"category": round(cat, 3), "polarity": round(pol, 3), "order": round(order, 3)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=DATA_DIR / "backbone")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--max-src", type=int, default=64, help="tokens")
-    p.add_argument("--max-tgt", type=int, default=24, help="tokens")
+    p.add_argument("--max-src", type=int, default=48, help="tokens")
+    p.add_argument("--max-tgt", type=int, default=16, help="tokens")
     p.add_argument("--mean-span", type=int, default=3, help="span corruption: mean span length in tokens")
     p.add_argument("--tokenizer", choices=["spm", "byte"], default="spm")
     p.add_argument("--vocab", type=int, default=512, help="SentencePiece pieces (before the 100 sentinels)")
@@ -152,7 +183,21 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--n-docs", type=int, default=12000)
     p.add_argument("--threads", type=int, default=1, help="1 is robust when other jobs share the 2 cores (OpenMP oversubscription is 10x slower)")
+    p.add_argument("--probe", type=Path, help="only run the knowledge probes on this backbone and add them to its log")
     a = p.parse_args(argv)
+
+    if a.probe:
+        from transformers import AutoTokenizer
+
+        res = knowledge_probes(T5ForConditionalGeneration.from_pretrained(a.probe), AutoTokenizer.from_pretrained(a.probe))
+        log_path = a.probe / "pretrain_log.json"
+        if log_path.is_file():
+            rec = json.loads(log_path.read_text())
+            rec["knowledge_probes"] = res
+            with atomic_path(log_path) as tmp:
+                tmp.write_text(json.dumps(rec, indent=1) + "\n")
+        print(json.dumps(res))
+        return 0
 
     torch.manual_seed(a.seed)
     torch.set_num_threads(a.threads)
@@ -191,11 +236,12 @@ def main(argv=None) -> int:
             log.append({"step": step + 1, "loss_ema": round(ema, 4), "seconds": round(time.time() - t0, 1)})
     train_time = time.time() - t0
     val_loss = evaluate(model, val_ids, a.seed, a, vocab)
+    probes = knowledge_probes(model, tok, a.seed)
     record = {
         "command": "python scripts/pretrain_backbone.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "seed": a.seed, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
         "n_params": n_params, "train_seconds": round(train_time, 1), "final_train_loss_ema": round(ema, 4),
-        "heldout_pretrain_loss": round(val_loss, 4), "loss_unit": "nats per token",
+        "heldout_pretrain_loss": round(val_loss, 4), "loss_unit": "nats per token", "knowledge_probes": probes,
         "tokenizer": f"{a.tokenizer} ({type(tok).__name__}, {vocab} ids)",
         "objective": f"50% span corruption (15%, mean span {a.mean_span}) + 50% prefix LM",
         "torch": torch.__version__, "machine": f"{platform.machine()} {torch.get_num_threads()} threads", "curve": log,
