@@ -39,7 +39,7 @@ data: $(STAMP)  ## T0 data into data/t0/ where the hub is reachable (ARGS="--sto
 benchmark: $(STAMP)  ## regenerate the embedded benchmark under data/benchmark/ (seeded, seconds)
 	$(PY) scripts/build_benchmark.py
 
-backbone: $(STAMP)  ## re-pretrain the embedded backbone data/backbone/ (about 10 minutes on 2 CPU cores)
+backbone: $(STAMP)  ## re-pretrain the embedded backbone data/backbone/ (about 12 minutes on one CPU thread)
 	$(PY) scripts/pretrain_backbone.py
 
 train:  ## multi-task training (arrives with the training issue)
