@@ -113,7 +113,15 @@ def load_adapter(backbone: nn.Module, directory: str | os.PathLike) -> TensorPol
         extra = sorted(set(layers) - set(spec["layers"]))[:3]
         raise CheckpointError(f"the backbone's adapted layers differ from the saved ones "
                               f"(saved only: {missing}, backbone only: {extra}); wrong backbone for {directory}")
-    weights_path = directory / WEIGHTS_FILE
+    restore_weights(model, directory)
+    if spec.get("average_routing"):
+        model.use_average_routing(spec["average_routing"])
+    return model
+
+
+def restore_weights(model: TensorPolyModel, directory: str | os.PathLike) -> None:
+    """Copy the saved adapter, norm and router tensors into `model` (same spec), in place."""
+    weights_path = Path(directory) / WEIGHTS_FILE
     if not weights_path.is_file():
         raise CheckpointError(f"{weights_path} is missing; the checkpoint is incomplete")
     state = load_file(str(weights_path))
@@ -127,9 +135,6 @@ def load_adapter(backbone: nn.Module, directory: str | os.PathLike) -> TensorPol
                                   f"the spec builds {tuple(target.shape)}")
         with torch.no_grad():
             target.copy_(state[key])
-    if spec.get("average_routing"):
-        model.use_average_routing(spec["average_routing"])
-    return model
 
 
 def merge(model: TensorPolyModel, task: int | str | None = None) -> nn.Module:

@@ -19,6 +19,7 @@ from torch import nn
 from .adapters import ADAPTERS, AdapterLinear
 from .config import AdapterConfig, ConfigError
 from .routing import AVERAGE_KINDS, Router, granularity_key
+from .scoring import score_choices
 from .task_routing import TaskRouting, TaskRoutingError
 
 
@@ -110,8 +111,13 @@ class TensorPolyModel(nn.Module):
         with self.task_routing.use(self._check_ids(task_ids), self._check_ids(decoder_task_ids)):
             yield
 
-    def forward(self, *args, task_ids=None, decoder_task_ids=None, **kwargs):
+    def forward(self, *args, task_ids=None, decoder_task_ids=None, choice_ids=None, **kwargs):
+        """The backbone's forward under task routing. With choice_ids [B, C, Lc] (padded with -100)
+        it returns the [B, C, Lc] token log-probabilities of every answer choice instead, the encoder
+        run once per example (rank classification and the T-Few losses)."""
         with self.routing(task_ids, decoder_task_ids):
+            if choice_ids is not None:
+                return score_choices(self.model, kwargs["input_ids"], kwargs["attention_mask"], choice_ids)
             return self.model(*args, **kwargs)
 
     @torch.no_grad()

@@ -13,30 +13,48 @@ from transformers.modeling_outputs import BaseModelOutput
 IGNORE = -100
 
 
+def token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(label) per position (0 where the label is IGNORE), in at least fp32."""
+    # bf16 log-probabilities are too coarse to rank close choices.
+    logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    logp = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return logp * labels.ne(IGNORE)
+
+
 def sequence_log_likelihood(logits: torch.Tensor, labels: torch.Tensor, length_norm: bool) -> torch.Tensor:
     """Sum (or per-token mean) of log p(label) over positions whose label is not IGNORE."""
-    mask = labels.ne(IGNORE)
-    # At least fp32: bf16 log-probabilities are too coarse to rank close choices.
-    logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    total = (logp * mask).sum(-1)
-    return total / mask.sum(-1).clamp_min(1) if length_norm else total
+    total = token_log_probs(logits, labels).sum(-1)
+    return total / labels.ne(IGNORE).sum(-1).clamp_min(1) if length_norm else total
+
+
+def choice_token_log_probs(model, input_ids, attention_mask, choice_ids, task_ids=None,
+                           explicit_decoder_ids: bool = False) -> torch.Tensor:
+    """[B, C, Lc] log p of every choice token (0 on padding); choice_ids [B, C, Lc] padded with -100.
+
+    Goes through the model's forward (so a DDP wrapper syncs gradients of the T-Few losses).
+    explicit_decoder_ids passes one task id per decoder row instead of relying on the
+    contiguous-copies rule (both give the same result; the tests check it).
+    """
+    decoder_ids = None
+    if explicit_decoder_ids and task_ids is not None:
+        decoder_ids = torch.as_tensor(task_ids).repeat_interleave(choice_ids.shape[1])
+    return model(input_ids=input_ids, attention_mask=attention_mask, choice_ids=choice_ids,
+                 task_ids=task_ids, decoder_task_ids=decoder_ids)
+
+
+def score_choices(hf_model, input_ids, attention_mask, choice_ids) -> torch.Tensor:
+    """The body of TensorPolyModel.forward(choice_ids=...), run inside its routing context."""
+    B, C, Lc = choice_ids.shape
+    encoded = hf_model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    labels = choice_ids.reshape(B * C, Lc)
+    out = hf_model(encoder_outputs=BaseModelOutput(last_hidden_state=encoded.repeat_interleave(C, 0)),
+                   attention_mask=attention_mask.repeat_interleave(C, 0), labels=labels)
+    return token_log_probs(out.logits, labels).view(B, C, Lc)
 
 
 def choice_log_likelihoods(model, input_ids, attention_mask, choice_ids, task_ids=None,
                            length_norm: bool = True, explicit_decoder_ids: bool = False) -> torch.Tensor:
-    """[B, C] scores; choice_ids [B, C, Lc] are target token ids padded with -100.
-
-    explicit_decoder_ids passes one task id per decoder row instead of relying on the
-    contiguous-copies rule (both give the same result; the tests check it).
-    """
-    B, C, Lc = choice_ids.shape
-    hf = model.model
-    decoder_ids = None
-    if explicit_decoder_ids and task_ids is not None:
-        decoder_ids = torch.as_tensor(task_ids).repeat_interleave(C)
-    with model.routing(task_ids, decoder_ids):
-        encoded = hf.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        labels = choice_ids.reshape(B * C, Lc)
-        out = hf(encoder_outputs=BaseModelOutput(last_hidden_state=encoded.repeat_interleave(C, 0)),
-                 attention_mask=attention_mask.repeat_interleave(C, 0), labels=labels)
-    return sequence_log_likelihood(out.logits, labels, length_norm).view(B, C)
+    """[B, C] scores: summed (or, with length_norm, mean) token log-likelihood of each choice."""
+    logp = choice_token_log_probs(model, input_ids, attention_mask, choice_ids, task_ids, explicit_decoder_ids)
+    total = logp.sum(-1)
+    return total / choice_ids.ne(IGNORE).sum(-1).clamp_min(1) if length_norm else total
