@@ -1,0 +1,43 @@
+"""Optimizer groups (adapters, norm affines, routers at their own learning rates), the optimizer
+(AdamW or Adafactor as the paper ran it) and the linear warm-up / linear decay schedule."""
+from __future__ import annotations
+
+import torch
+from transformers import get_linear_schedule_with_warmup
+from transformers.optimization import Adafactor
+
+from ..config import ConfigError
+
+OPTIMIZERS = ("adamw", "adafactor")
+
+
+def param_groups(model, recipe, train_adapters: bool = True) -> list[dict]:
+    roles = model.parameter_roles()
+    if not train_adapters:
+        for p in roles["adapter"] + roles["norm"]:
+            p.requires_grad_(False)
+    lrs = {"adapter": recipe.lr, "norm": recipe.norm_lr, "router": recipe.router_lr}
+    groups = []
+    for role in ("adapter", "norm", "router"):
+        params = [p for p in roles[role] if p.requires_grad]
+        if params:
+            groups.append({"name": role, "params": params, "lr": float(lrs[role])})
+    if not groups:
+        raise ConfigError("nothing to train: the model has no trainable parameter "
+                          "(finetune.trainable=router needs a routed model type)")
+    return groups
+
+
+def build_optimizer(groups: list[dict], recipe) -> torch.optim.Optimizer:
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=float(recipe.lr), weight_decay=float(recipe.weight_decay))
+    if recipe.optimizer == "adafactor":
+        # The paper's settings: absolute step sizes, no warm-up init, HF defaults otherwise.
+        return Adafactor(groups, lr=float(recipe.lr), relative_step=False, warmup_init=False,
+                         scale_parameter=bool(recipe.adafactor_scale_parameter),
+                         weight_decay=float(recipe.weight_decay))
+    raise ConfigError(f"optimizer={recipe.optimizer!r}; choose one of {OPTIMIZERS}")
+
+
+def build_scheduler(optimizer, recipe):
+    return get_linear_schedule_with_warmup(optimizer, int(recipe.warmup * recipe.steps), recipe.steps)

@@ -1,0 +1,59 @@
+"""The process side of a run: Accelerate, precision, threads, seeding, broadcasting rank 0's choices."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+from ..config import ConfigError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def mixed_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r}; choose one of {PRECISIONS}")
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return "no" if precision == "fp32" else "bf16"
+
+
+def make_accelerator(recipe) -> Accelerator:
+    if recipe.get("threads"):
+        torch.set_num_threads(int(recipe.threads))
+    # Gradient accumulation is done by hand (no_sync on all but the last micro-batch), so the
+    # optimizer-step count is ours, not the dataloader's.
+    return Accelerator(mixed_precision=mixed_precision(recipe.precision))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def broadcast(accelerator: Accelerator, value):
+    """Rank 0's value on every rank (run dirs, resume decisions)."""
+    if accelerator.num_processes == 1:
+        return value
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
