@@ -6,9 +6,8 @@ BACKBONE ?= t0_3b
 N_TASKS ?= 313
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
-export WANDB_MODE ?= disabled
 
-.PHONY: help setup test test-slow params data benchmark backbone train eval tables
+.PHONY: help setup test test-slow params data benchmark backbone train eval finetune sweep bench tables
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -42,11 +41,22 @@ benchmark: $(STAMP)  ## regenerate the embedded benchmark under data/benchmark/ 
 backbone: $(STAMP)  ## re-pretrain the embedded backbone data/backbone/ (about 12 minutes on one CPU thread)
 	$(PY) scripts/pretrain_backbone.py
 
-train:  ## multi-task training (arrives with the training issue)
-	@echo "make train is not built yet: it arrives with the training issue (#6)"; exit 2
+train: $(STAMP)  ## multi-task training + zero-shot held-out eval: make train [MODEL=tensorpoly1] [ARGS="seed=1 train.steps=500"]
+	$(PY) scripts/train.py $(if $(MODEL),model=$(MODEL)) $(ARGS)
 
-eval:  ## zero-shot / few-shot evaluation (arrives with the training issue)
-	@echo "make eval is not built yet: it arrives with the training issue (#6)"; exit 2
+eval: $(STAMP)  ## zero-shot eval of a trained adapter: make eval [CKPT=outputs/train/<run>] (newest run by default)
+	$(PY) scripts/evaluate.py $(if $(CKPT),checkpoint=$(CKPT)) $(ARGS)
+
+finetune: $(STAMP)  ## few-shot fine-tuning (T-Few recipe) on the held-out tasks: make finetune [CKPT=...] [ARGS=...]
+	$(PY) scripts/finetune.py $(if $(CKPT),checkpoint=$(CKPT)) $(ARGS)
+
+MODELS ?= lora,tlora,poly,mhr,tensorpoly1,tensorpoly2
+SEEDS  ?= 42,1024,0
+sweep: $(STAMP)  ## Hydra multirun over models and seeds: make sweep [MODELS=lora,tensorpoly1] [SEEDS=42,1024,0]
+	$(PY) scripts/train.py -m model=$(MODELS) seed=$(SEEDS) $(ARGS)
+
+bench: $(STAMP)  ## adapter speed/memory side by side: make bench [ARGS="--preset cpu"]
+	$(PY) scripts/bench_adapters.py $(ARGS)
 
 tables:  ## paper tables from results/ (arrives with the results issue)
 	@echo "make tables is not built yet: it arrives with the results issue (#7)"; exit 2

@@ -61,7 +61,8 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_adapter(model: TensorPolyModel, directory: str | os.PathLike) -> Path:
+def save_adapter(model: TensorPolyModel, directory: str | os.PathLike, tensors: dict | None = None) -> Path:
+    """tensors: the adapter_state_dict gathered elsewhere (sharded training); default: read from model."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     spec = {
@@ -71,7 +72,7 @@ def save_adapter(model: TensorPolyModel, directory: str | os.PathLike) -> Path:
         "layers": {name: [a.in_features, a.out_features] for name, a in model.adapters()},
         "average_routing": model.averaging,
     }
-    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in (tensors or adapter_state_dict(model)).items()}
     # Weights first, then the spec: a folder with a fresh spec always has matching weights.
     _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": FORMAT}))
     _atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(spec, indent=2)))

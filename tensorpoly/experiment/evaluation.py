@@ -68,6 +68,8 @@ def evaluate_heldout(model, tokenizer, data_cfg, eval_cfg, tasks: list[str], tas
     results = {}
     for task in tasks:
         examples = eval_examples(data_cfg, task, eval_cfg.protocol, int(eval_cfg.seed))
+        if eval_cfg.get("limit"):
+            examples = examples[: int(eval_cfg.limit)]
         features = tokenize(examples, tokenizer, {task: (task_ids or {}).get(task, 0)}, data_cfg)
         preds = predict(model, features, tokenizer.pad_token_id, int(eval_cfg.batch_size), bool(eval_cfg.length_norm),
                         progress=f"eval {task}" if progress else None)

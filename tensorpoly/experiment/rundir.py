@@ -21,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 STATE_FILE = "run_state.json"
 CONFIG_FILE = "run_config.yaml"
 # Keys that do not change what a run computes: a resumed run may differ in them.
-NOT_IN_FINGERPRINT = ("resume", "logger", "debug", "results_dir")
+NOT_IN_FINGERPRINT = ("resume", "logger", "debug", "results_dir", "run_dir")
 
 
 def process_rank() -> int:
@@ -62,8 +62,8 @@ def write_state(run_dir: Path, **fields) -> None:
     os.replace(tmp, Path(run_dir) / STATE_FILE)
 
 
-def _runs(root: Path) -> list[Path]:
-    runs = [p.parent for p in root.glob(f"**/{STATE_FILE}")]
+def _runs(*roots: Path) -> list[Path]:
+    runs = {p.parent for root in roots for p in Path(root).glob(f"**/{STATE_FILE}")}
     return sorted(runs, key=lambda p: (p / STATE_FILE).stat().st_mtime, reverse=True)
 
 
@@ -96,13 +96,18 @@ def resolve_resume(resume, outputs: Path, fp: str) -> Path | None:
     return run
 
 
-def find_checkpoint(spec: str, outputs: Path) -> Path:
+def training_roots() -> tuple[Path, Path]:
+    """Where training runs live, relative to the working directory (Hydra's default)."""
+    return Path("outputs/train"), Path("multirun/train")
+
+
+def find_checkpoint(spec: str) -> Path:
     """A finished run's adapter dir from `checkpoint=`: "latest", a run dir, or an adapter dir."""
     if spec == "latest":
-        for run in _runs(outputs):
+        for run in _runs(*training_roots()):
             if read_state(run).get("status") == "finished" and (run / "adapter").is_dir():
                 return run / "adapter"
-        raise ConfigError(f"checkpoint=latest: no finished training run under {outputs}; "
+        raise ConfigError(f"checkpoint=latest: no finished training run under outputs/train or multirun/train; "
                           f"run `make train` first or pass checkpoint=<run dir>")
     path = Path(spec)
     if (path / "adapter" / "adapter_config.json").is_file():

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 
 from ..checkpoint import CheckpointError, restore_weights, save_adapter
 from .runtime import rng_state, set_rng_state
@@ -24,6 +25,23 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def gathered_adapter_state(accelerator, model) -> dict | None:
+    """Under FSDP the adapter tensors are sharded: gather the full state (a collective, every rank calls
+    it) and keep the adapter and router entries. None elsewhere (the module's own tensors are whole)."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return None
+    full = accelerator.get_state_dict(model)
+    inner = accelerator.unwrap_model(model)
+    state = {}
+    for name, adapter in inner.adapters():
+        for key in adapter.state_dict():
+            if not key.startswith("base_layer."):
+                state[f"adapters.{name}.{key}"] = full[f"model.{name}.{key}"]
+    for key in inner.routers.state_dict():
+        state[f"routers.{key}"] = full[f"routers.{key}"]
+    return state
+
+
 def save_training_state(accelerator, run_dir: Path, step: int, model, optimizer, scheduler) -> Path:
     root = checkpoint_dir(run_dir)
     final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
@@ -32,8 +50,9 @@ def save_training_state(accelerator, run_dir: Path, step: int, model, optimizer,
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng_rank{accelerator.process_index}.pt")
+    tensors = gathered_adapter_state(accelerator, model)
     if accelerator.is_main_process:
-        save_adapter(accelerator.unwrap_model(model), tmp)
+        save_adapter(accelerator.unwrap_model(model), tmp, tensors)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                    tmp / "trainer_state.pt")
     accelerator.wait_for_everyone()
@@ -47,6 +66,9 @@ def save_training_state(accelerator, run_dir: Path, step: int, model, optimizer,
 
 def load_training_state(accelerator, ckpt: Path, model, optimizer, scheduler) -> int:
     """Restore weights, optimizer, scheduler and this rank's RNG; returns the step to continue from."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise CheckpointError("resuming a sharded (FSDP) run is not supported: its optimizer state is sharded; "
+                              "restart it, or resume with DDP (configs/accelerate/ddp.yaml)")
     state_file, rng_file = ckpt / "trainer_state.pt", ckpt / f"rng_rank{accelerator.process_index}.pt"
     for needed in (state_file, rng_file):
         if not needed.is_file():

@@ -18,10 +18,10 @@ from .fit import fit, params_checksum
 from .losses import lm_loss
 from .optim import build_optimizer, build_scheduler, param_groups
 from .results import write_result
-from .rundir import CONFIG_FILE, fingerprint, resolve_resume, write_state
+from .rundir import CONFIG_FILE, training_roots, fingerprint, resolve_resume, write_state
 from .runtime import broadcast, make_accelerator, seed_everything
 from .setup import build_model, check_training_config
-from .state import latest_checkpoint, load_training_state, save_training_state
+from .state import gathered_adapter_state, latest_checkpoint, load_training_state, save_training_state
 from .tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def hydra_run_dir(cfg) -> Path:
 
         return Path(HydraConfig.get().runtime.output_dir)
     except (ImportError, ValueError):
-        if cfg.get("run_dir"):
+        if "run_dir" in cfg:  # the compose API (tests, notebooks): +run_dir=...
             return Path(cfg.run_dir)
         raise
 
@@ -45,7 +45,7 @@ def run_name(cfg) -> str:
 def _choose_run_dir(cfg, fp: str) -> tuple[Path, bool]:
     here = hydra_run_dir(cfg)
     resumed = None
-    for root in (Path("outputs") / cfg.task_name, Path("multirun") / cfg.task_name, here.parent):
+    for root in (*training_roots(), here.parent):
         try:
             resumed = resolve_resume(cfg.resume, root, fp)
             break
@@ -53,7 +53,7 @@ def _choose_run_dir(cfg, fp: str) -> tuple[Path, bool]:
             error = exc
     if cfg.resume not in (False, None, "false") and resumed is None:
         raise error
-    return (resumed or here), resumed is not None
+    return (resumed or here).resolve(), resumed is not None
 
 
 @torch.no_grad()
@@ -123,6 +123,10 @@ def run_training(cfg) -> dict:
         if stop_after is not None and step >= int(stop_after):
             return "stop"
 
+    val_start = None
+    if accelerator.is_main_process and start == 0:
+        val_start = validation_loss(inner, val_features, tokenizer.pad_token_id, int(cfg.train.batch_size),
+                                    int(cfg.train.val_batches), accelerator.device)
     started = time.perf_counter()
     last = fit(accelerator, model, optimizer, scheduler, train_features, lambda m, b: (lm_loss(m, b), {}),
                cfg.train, int(cfg.seed), tokenizer.pad_token_id, start_step=start, after_step=after_step,
@@ -135,8 +139,9 @@ def run_training(cfg) -> dict:
         return {"run_dir": str(run_dir), "stopped_at": int(stop_after)}
 
     summary = {"run_dir": str(run_dir)}
+    tensors = gathered_adapter_state(accelerator, model)
     if accelerator.is_main_process:
-        adapter_dir = save_adapter(inner, run_dir / "adapter")
+        adapter_dir = save_adapter(inner, run_dir / "adapter", tensors)
         (adapter_dir / CONFIG_FILE).write_text((run_dir / CONFIG_FILE).read_text())
         if config.routed:
             inner.use_average_routing(cfg.eval.average)
@@ -144,7 +149,7 @@ def run_training(cfg) -> dict:
         heldout = evaluate_heldout(inner, tokenizer, cfg.data, cfg.eval, heldout_tasks(cfg.data))
         eval_seconds = time.perf_counter() - started_eval
         inner.use_learned_routing()
-        metrics = {"train_loss": last.get("loss"), "val_loss": last.get("val_loss"), "steps": int(cfg.train.steps),
+        metrics = {"train_loss": last.get("loss"), "val_loss_start": val_start, "val_loss": last.get("val_loss"), "steps": int(cfg.train.steps),
                    "resumed_from_step": start, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
                    "processes": accelerator.num_processes, "rank_param_max_diff": rank_diff,
                    "zero_shot_average": heldout["average"], "chance": heldout["chance"]}
