@@ -26,7 +26,9 @@ def make_accelerator(recipe) -> Accelerator:
         torch.set_num_threads(int(recipe.threads))
     # Gradient accumulation is done by hand (no_sync on all but the last micro-batch), so the
     # optimizer-step count is ours, not the dataloader's.
-    return Accelerator(mixed_precision=mixed_precision(recipe.precision))
+    # cpu=True on GPU-less machines: without it Accelerate ignores torchrun's WORLD_SIZE and every
+    # process would train alone (MULTI_CPU needs the flag).
+    return Accelerator(mixed_precision=mixed_precision(recipe.precision), cpu=not torch.cuda.is_available())
 
 
 def seed_everything(seed: int) -> None:
