@@ -1,0 +1,83 @@
+"""Read every results file under results/ into flat records the tables group and average.
+
+A sample is one evaluated model: a training run (zero-shot) or one (training run, few-shot seed) pair
+(few-shot). Cells average over samples: seeds of training runs, and few-shot seeds.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FORMAT = "tensorpoly-result/1"
+METHODS = {"lora": "LoRA", "poly": "Poly", "mhr": "MHR", "tlora": "TLoRA", "tensorpoly1": "TensorPoly-I",
+           "tensorpoly2": "TensorPoly-II"}
+VARIANT_KEYS = ("rank", "order", "n_experts", "n_splits")
+KINDS = {"train": "zero-shot", "finetune": "few-shot", "eval": "zero-shot"}
+
+
+@dataclass
+class Group:
+    """Runs that differ only in their seeds: one row of a table."""
+    kind: str                      # zero-shot | few-shot
+    data: str
+    backbone: str
+    method: str
+    variant: tuple                 # ((key, value), ...) of VARIANT_KEYS
+    granularity: str
+    samples: list[dict] = field(default_factory=list)   # {task: accuracy}
+    chance: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
+    adapter_dirs: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return METHODS.get(self.method, self.method)
+
+    def variant_value(self, key: str):
+        return dict(self.variant).get(key)
+
+
+def _train_config(record: dict) -> dict:
+    return record.get("train_config") or record["config"]
+
+
+def read_results(root: Path) -> list[dict]:
+    records = []
+    for path in sorted(Path(root).rglob("*.json")):
+        if any(part in ("tables", "plots", "bench") for part in path.relative_to(root).parts[:-1]):
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            warnings.warn(f"skipping unreadable results file {path}: {exc}")
+            continue
+        if isinstance(record, dict) and record.get("format") == FORMAT and record.get("kind") in KINDS:
+            record["_path"] = str(path)
+            records.append(record)
+    return records
+
+
+def group_results(records: list[dict]) -> list[Group]:
+    groups: dict[tuple, Group] = {}
+    for r in records:
+        cfg = _train_config(r)
+        model = cfg["model"]
+        variant = tuple((k, model.get(k)) for k in VARIANT_KEYS if k in model)
+        key = (KINDS[r["kind"]], cfg["data"]["name"], cfg["backbone"]["name"], model["module_type"], variant,
+               cfg["routing"]["granularity"])
+        g = groups.setdefault(key, Group(*key))
+        if r["kind"] == "finetune":
+            seeds = sorted({s for runs in r["heldout"].values() for s in runs})
+            for s in seeds:
+                g.samples.append({t: runs[s]["accuracy"] for t, runs in r["heldout"].items() if s in runs})
+            for t, runs in r["heldout"].items():
+                g.chance[t] = next(iter(runs.values()))["chance"]
+        else:
+            g.samples.append({t: v["accuracy"] for t, v in r["heldout"].items()})
+            g.chance.update({t: v["chance"] for t, v in r["heldout"].items()})
+        g.params = r.get("params") or g.params
+        if r.get("adapter_dir"):
+            g.adapter_dirs.append(r["adapter_dir"])
+    return list(groups.values())

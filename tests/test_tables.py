@@ -1,0 +1,89 @@
+"""The table generator on synthetic results files: means, spreads, bold best entries, missing cells,
+few-shot seeds, ablations, LaTeX, and plots that are written and non-empty."""
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tensorpoly.backbones import available, read_group_config
+from tensorpoly.reporting.collect import group_results, read_results
+from tensorpoly.reporting.tables import ablation_tables, main_tables, to_latex, to_markdown
+
+from experiment_helpers import REPO_ROOT
+
+TASKS = ["alpha", "beta"]
+MODEL_DEFAULTS = {m: read_group_config("model", m) for m in available("model")}
+
+
+def write(root: Path, name: str, method: str, seed: int, accs: dict, kind: str = "train", **model_overrides):
+    model = {**MODEL_DEFAULTS[method], **model_overrides}
+    cfg = {"seed": seed, "model": model, "data": {"name": "bench"}, "backbone": {"name": "bb"},
+           "routing": {"granularity": "finegrained"}}
+    if kind == "train":
+        heldout = {t: {"accuracy": a, "chance": 0.5} for t, a in accs.items()}
+    else:  # accs: {task: {seed: acc}}
+        heldout = {t: {str(s): {"accuracy": a, "chance": 0.5} for s, a in runs.items()} for t, runs in accs.items()}
+    record = {"format": "tensorpoly-result/1", "kind": kind, "config": cfg, "heldout": heldout,
+              "params": {"adapter": 100 * (1 + len(method)), "routing": 10, "backbone": 10_000}}
+    if kind == "finetune":
+        record["train_config"] = cfg
+    (root / kind).mkdir(parents=True, exist_ok=True)
+    (root / kind / f"{name}.json").write_text(json.dumps(record))
+
+
+@pytest.fixture
+def results(tmp_path):
+    root = tmp_path / "results"
+    write(root, "lora1", "lora", 1, {"alpha": 0.6, "beta": 0.5})
+    write(root, "lora2", "lora", 2, {"alpha": 0.7, "beta": 0.7})
+    write(root, "tp1", "tensorpoly1", 1, {"alpha": 0.9, "beta": 0.4})
+    write(root, "tp1-o2", "tensorpoly1", 1, {"alpha": 0.5, "beta": 0.5}, order=2)
+    write(root, "ft", "poly", 1, {"alpha": {42: 0.8, 0: 0.6}, "beta": {42: 0.5, 0: 0.7}}, kind="finetune")
+    (root / "tables").mkdir()
+    (root / "tables" / "ignored.json").write_text("{}")
+    return root
+
+
+def test_main_table_means_spreads_bold_and_missing(results):
+    groups = group_results(read_results(results))
+    table = next(t for t in main_tables(groups, MODEL_DEFAULTS) if t.title.startswith("zero-shot"))
+    rows = dict(table.rows)
+    lora, tp = rows["LoRA"], rows["TensorPoly-I"]
+    assert lora[0].mean == pytest.approx(0.65) and lora[0].std == pytest.approx(statistics.stdev([0.6, 0.7]))
+    assert lora[2].mean == pytest.approx(statistics.mean([0.55, 0.7]))  # average = mean over seeds of task means
+    assert tp[0].mean == pytest.approx(0.9) and tp[0].std is None       # the order=2 run is an ablation, not here
+    assert all(c.mean is None for c in rows["Poly"])                     # no zero-shot Poly run: missing
+    md = to_markdown(table)
+    assert "| TensorPoly-I | **90.0** | 40.0 | **65.0** |" in md
+    assert "| LoRA | 65.0 ± 7.1 | **60.0 ± 14.1** | 62.5 ± 10.6 |" in md
+    assert "| Poly | – | – | – |" in md and "| chance | 50.0 | 50.0 | 50.0 |" in md
+    tex = to_latex(table)
+    assert r"\textbf{90.0}" in tex and r"65.0 $\pm$ 7.1" in tex and "--" in tex
+
+
+def test_few_shot_cells_average_over_few_shot_seeds(results):
+    groups = group_results(read_results(results))
+    table = next(t for t in main_tables(groups, MODEL_DEFAULTS) if t.title.startswith("few-shot"))
+    poly = dict(table.rows)["Poly"]
+    assert poly[0].mean == pytest.approx(0.7) and poly[0].std == pytest.approx(statistics.stdev([0.8, 0.6]))
+    assert poly[2].values == pytest.approx([0.65, 0.65])
+
+
+def test_ablation_table_appears_only_for_varied_settings(results):
+    groups = group_results(read_results(results))
+    tables = ablation_tables(groups, MODEL_DEFAULTS)
+    assert [t.title for t in tables] == ["ablation: TensorPoly-I order, zero-shot, bench / bb"]
+    assert [label for label, _ in tables[0].rows] == ["order=2", "order=4"]
+
+
+def test_make_tables_writes_tables_and_non_empty_plots(results, tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "make_tables.py"), "--results", str(results)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    md = sorted(p.name for p in (results / "tables").glob("*.md"))
+    assert "all.md" in md and any(n.startswith("parameter_efficiency_t0_3b") for n in md)
+    plots = list((results / "plots").glob("*.png"))
+    assert plots and all(p.stat().st_size > 5000 for p in plots)
