@@ -7,7 +7,7 @@ N_TASKS ?= 313
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: help setup test test-slow params data benchmark backbone train eval finetune sweep bench tables
+.PHONY: help setup test test-slow params data benchmark backbone train eval finetune sweep bench tables reproduce
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -58,5 +58,8 @@ sweep: $(STAMP)  ## Hydra multirun over models and seeds: make sweep [MODELS=lor
 bench: $(STAMP)  ## adapter speed/memory side by side: make bench [ARGS="--preset cpu"]
 	$(PY) scripts/bench_adapters.py $(ARGS)
 
-tables:  ## paper tables from results/ (arrives with the results issue)
-	@echo "make tables is not built yet: it arrives with the results issue (#7)"; exit 2
+tables: $(STAMP)  ## the paper's tables (results/tables/) and plots (results/plots/) from every results file under results/
+	$(PY) scripts/make_tables.py
+
+reproduce: $(STAMP)  ## scaled-down reproduction on CPU: 6 methods x 3 seeds, zero- and few-shot (results/reproduce/)
+	$(PY) scripts/reproduce.py $(ARGS)
