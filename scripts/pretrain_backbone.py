@@ -42,12 +42,59 @@ def sentinel(i: int, vocab: int) -> int:
     return vocab - 1 - i  # <extra_id_0> is the last id, in ByT5Tokenizer and in T5Tokenizer alike
 
 
-def train_sentencepiece(docs: list[str], out_dir: Path, vocab_size: int, seed: int):
-    """A unigram SentencePiece model on the pretraining text, wrapped as a T5 tokenizer (+100 sentinels).
+def benchmark_words(docs: list[str]) -> list[str]:
+    """The closed word list of the embedded benchmark: every word of the pretraining text, of the prompt
+    templates and answer choices (templates.yaml), of the training datasets' raw text fields, and of the
+    world lists (items, categories, adjectives, names, colours, number words, digits). Words only: no
+    sentence of any prompt or example reaches the tokenizer corpus."""
+    import re
+
+    import yaml
+
+    from tensorpoly.data import benchmark_gen as G
+    from tensorpoly.data.benchmark import BENCHMARK_DIR
+
+    word = re.compile(r"[A-Za-z]+|[0-9]+")
+
+    def strings(o):
+        if isinstance(o, dict):
+            for v in o.values():
+                yield from strings(v)
+        elif isinstance(o, list):
+            for v in o:
+                yield from strings(v)
+        elif isinstance(o, str):
+            yield o
+
+    words = {w for d in docs for w in word.findall(d)}
+    for t in strings(yaml.safe_load((BENCHMARK_DIR / "templates.yaml").read_text())):
+        words |= set(word.findall(re.sub(r"\{\{.*?\}\}|\{%.*?%\}", " ", t, flags=re.S)))
+    for f in sorted((BENCHMARK_DIR / "train").glob("*.jsonl")):
+        for line in f.read_text().splitlines():
+            words |= {w for v in json.loads(line).values() if isinstance(v, str) for w in word.findall(v)}
+    words |= set(G.CATEGORIES + G.ALL_ITEMS + G.POSITIVE + G.NEGATIVE + G.NAMES + G.COLORS + G.NUMBER_WORDS)
+    words |= {str(i) for i in range(100)}
+    return sorted(words)
+
+
+def train_sentencepiece(docs: list[str], out_dir: Path, vocab_size: int, seed: int, add_words: bool = False):
+    """A unigram SentencePiece model on the pretraining text, plus one piece per word of the benchmark's
+    closed word list (``benchmark_words``), wrapped as a T5 tokenizer (+100 sentinels).
+
+    Why the added words: trained alone, the unigram model shredded the commonest words (`the` -> `▁th e`,
+    `thought` -> 5 pieces, `Which` -> 4, `yes` -> `▁ y es` while `no` -> `▁no`), so answer choices differed
+    in length and prompts were long. SentencePiece's unigram trainer cannot be asked for them: on this
+    repetitive corpus it stops at ~530-680 pieces whatever `vocab_size` says (few seed pieces), and a BPE
+    model is read as a unigram model by transformers' T5 converter (different segmentations). So every
+    benchmark word missing from the trained vocabulary is appended to the model as a piece `▁word` with
+    score 0 (above every trained piece's log-probability): Viterbi then always takes the whole word, in
+    SentencePiece and in the converted fast tokenizer alike (checked below), and anything else still falls
+    back to the trained sub-word pieces and characters.
     transformers 5 ignores `T5Tokenizer(vocab_file=...)`, so load it from a directory holding spiece.model."""
     import string
 
     import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
     from transformers import T5Tokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -60,9 +107,23 @@ def train_sentencepiece(docs: list[str], out_dir: Path, vocab_size: int, seed: i
                                    )  # deterministic given the corpus (single thread)
     corpus.unlink()
     (out_dir / "spiece.vocab").unlink(missing_ok=True)
+    words = benchmark_words(docs) if add_words else []
+    if words:
+        proto = pb.ModelProto()
+        proto.ParseFromString((out_dir / "spiece.model").read_bytes())
+        have = {p.piece for p in proto.pieces}
+        for w in words:
+            if "\u2581" + w not in have:
+                proto.pieces.add(piece="\u2581" + w, score=0.0, type=pb.ModelProto.SentencePiece.NORMAL)
+        (out_dir / "spiece.model").write_bytes(proto.SerializeToString())
     tok = T5Tokenizer.from_pretrained(str(out_dir))
     ids = tok("fox", add_special_tokens=False).input_ids
     assert tok.unk_token_id not in ids and len(tok) > vocab_size // 2, "SentencePiece vocabulary was not loaded"
+    sp = spm.SentencePieceProcessor(model_file=str(out_dir / "spiece.model"))
+    split = [w for w in words if len(tok(w, add_special_tokens=False).input_ids) != 1 or len(sp.encode(w)) != 1]
+    assert not split, f"benchmark words that are not one piece: {split[:20]}"
+    text = " ".join(docs[:50])
+    assert sp.encode(text) == tok(text, add_special_tokens=False).input_ids, "fast tokenizer != SentencePiece"
     return tok
 
 
@@ -89,15 +150,15 @@ def prefix_lm(ids: list[int], r: random.Random, max_tgt: int):
     return ids[:cut] + [EOS], ids[cut:cut + max_tgt] + [EOS]
 
 
-def make_batch(docs, r, bs, max_src, max_tgt, vocab, mean_span=3):
-    """``docs``: token-id lists."""
+def make_batch(docs, r, bs, max_src, max_tgt, vocab, mean_span=3, density=0.15, prefix_frac=0.5):
+    """``docs``: token-id lists. A ``prefix_frac`` share of prefix LM, the rest span corruption."""
     srcs, tgts = [], []
     for _ in range(bs):
         ids = docs[r.randrange(len(docs))]
         if len(ids) > max_src - 1:
             s = r.randrange(len(ids) - (max_src - 1) + 1)
             ids = ids[s:s + max_src - 1]
-        src, tgt = (span_corruption(ids, r, vocab, mean_span=mean_span) if r.random() < 0.5 else prefix_lm(ids, r, max_tgt - 1))
+        src, tgt = (span_corruption(ids, r, vocab, density, mean_span) if r.random() < 1 - prefix_frac else prefix_lm(ids, r, max_tgt - 1))
         srcs.append(src[:max_src])
         tgts.append(tgt[:max_tgt])
     ls, lt = max(map(len, srcs)), max(map(len, tgts))
@@ -109,7 +170,7 @@ def make_batch(docs, r, bs, max_src, max_tgt, vocab, mean_span=3):
 def build_model(args, vocab: int) -> T5ForConditionalGeneration:
     cfg = T5Config(vocab_size=vocab, d_model=args.d_model, d_kv=args.d_model // args.heads, d_ff=args.d_ff,
                    num_layers=args.layers, num_decoder_layers=args.layers, num_heads=args.heads,
-                   feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
+                   feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=getattr(args, "dropout", 0.0),
                    relative_attention_num_buckets=32, relative_attention_max_distance=128,
                    decoder_start_token_id=PAD, pad_token_id=PAD, eos_token_id=EOS)
     model = T5ForConditionalGeneration(cfg)
@@ -127,7 +188,8 @@ def evaluate(model, docs, seed, args, vocab, n_batches=20):
     model.eval()
     r = random.Random(seed + 1)
     losses = [model(input_ids=x, attention_mask=m, labels=y).loss.item()
-              for x, m, y in (make_batch(docs, r, args.batch_size, args.max_src, args.max_tgt, vocab, args.mean_span)
+              for x, m, y in (make_batch(docs, r, args.batch_size, args.max_src, args.max_tgt, vocab, args.mean_span,
+                                         getattr(args, "noise_density", 0.15), getattr(args, "prefix_lm", 0.5))
                               for _ in range(n_batches))]
     model.train()
     return sum(losses) / len(losses)
@@ -174,9 +236,15 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--max-src", type=int, default=48, help="tokens")
     p.add_argument("--max-tgt", type=int, default=16, help="tokens")
+    p.add_argument("--noise-density", type=float, default=0.15, help="span corruption: share of tokens masked")
+    p.add_argument("--prefix-lm", type=float, default=0.5, help="share of prefix-LM examples (rest: span corruption)")
     p.add_argument("--mean-span", type=int, default=3, help="span corruption: mean span length in tokens")
     p.add_argument("--tokenizer", choices=["spm", "byte"], default="spm")
-    p.add_argument("--vocab", type=int, default=512, help="SentencePiece pieces (before the 100 sentinels)")
+    p.add_argument("--add-words", action="store_true",
+                   help="spm: append every benchmark word missing from the trained vocabulary as one piece (see train_sentencepiece)")
+    p.add_argument("--vocab", type=int, default=512, help="trained SentencePiece pieces (before --add-words words and the 100 sentinels)")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--dropout", type=float, default=0.0, help="pretraining only; the saved config has none")
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--d-ff", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
@@ -206,7 +274,7 @@ def main(argv=None) -> int:
     val_docs, train_docs = docs[:n_val], docs[n_val:]  # held-out pretraining docs for the final loss
     with tempfile.TemporaryDirectory() as spm_dir:
         if a.tokenizer == "spm":
-            tok = train_sentencepiece(train_docs, Path(spm_dir), a.vocab, a.seed)
+            tok = train_sentencepiece(train_docs, Path(spm_dir), a.vocab, a.seed, a.add_words)
             spm_model = (Path(spm_dir) / "spiece.model").read_bytes()
         else:
             tok = ByT5Tokenizer()  # 384 ids: 3 special + 256 bytes + 125 sentinels
@@ -218,14 +286,15 @@ def main(argv=None) -> int:
         train_ids, val_ids = [encode(d) for d in train_docs], [encode(d) for d in val_docs]
     model = build_model(a, vocab)
     n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / a.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / a.steps))))
     r = random.Random(a.seed)
     t0, ema, log = time.time(), None, []
     bar = tqdm(range(a.steps), desc=f"pretrain ({n_params / 1e6:.2f}M params)", mininterval=5)
     for step in bar:
-        x, m, y = make_batch(train_ids, r, a.batch_size, a.max_src, a.max_tgt, vocab, a.mean_span)
+        x, m, y = make_batch(train_ids, r, a.batch_size, a.max_src, a.max_tgt, vocab, a.mean_span,
+                             a.noise_density, a.prefix_lm)
         loss = model(input_ids=x, attention_mask=m, labels=y).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -243,9 +312,10 @@ def main(argv=None) -> int:
         "n_params": n_params, "train_seconds": round(train_time, 1), "final_train_loss_ema": round(ema, 4),
         "heldout_pretrain_loss": round(val_loss, 4), "loss_unit": "nats per token", "knowledge_probes": probes,
         "tokenizer": f"{a.tokenizer} ({type(tok).__name__}, {vocab} ids)",
-        "objective": f"50% span corruption (15%, mean span {a.mean_span}) + 50% prefix LM",
+        "objective": f"{1 - a.prefix_lm:.0%} span corruption ({a.noise_density:.0%}, mean span {a.mean_span}) + {a.prefix_lm:.0%} prefix LM",
         "torch": torch.__version__, "machine": f"{platform.machine()} {torch.get_num_threads()} threads", "curve": log,
     }
+    model.config.dropout_rate = 0.0  # pretraining-only regulariser: the shipped config has no dropout (as before)
     with atomic_path(a.out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
