@@ -230,9 +230,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=DATA_DIR / "backbone")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--max-src", type=int, default=48, help="tokens")
     p.add_argument("--max-tgt", type=int, default=16, help="tokens")
@@ -240,7 +240,7 @@ def main(argv=None) -> int:
     p.add_argument("--prefix-lm", type=float, default=0.5, help="share of prefix-LM examples (rest: span corruption)")
     p.add_argument("--mean-span", type=int, default=3, help="span corruption: mean span length in tokens")
     p.add_argument("--tokenizer", choices=["spm", "byte"], default="spm")
-    p.add_argument("--add-words", action="store_true",
+    p.add_argument("--add-words", action=argparse.BooleanOptionalAction, default=True,
                    help="spm: append every benchmark word missing from the trained vocabulary as one piece (see train_sentencepiece)")
     p.add_argument("--vocab", type=int, default=512, help="trained SentencePiece pieces (before --add-words words and the 100 sentinels)")
     p.add_argument("--weight-decay", type=float, default=0.01)

@@ -99,3 +99,13 @@ def test_pretrain_script_cli(tmp_path):
                         "--layers", "1", "--heads", "2", "--n-docs", "100", "--batch-size", "2", "--out", str(tmp_path / "bb")],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_benchmark_words_are_single_pieces():
+    """Common words and every answer word of the templates are one piece each (the first vocabulary
+    shredded `the`, `yes`, `Which` into characters, and `yes` (3 pieces) vs `no` (1) biased rank
+    classification)."""
+    tok = AutoTokenizer.from_pretrained(BACKBONE)
+    for w in ["the", "was", "thought", "Which", "Did", "yes", "no", "positive", "negative", "good", "bad", "true",
+              "false", "animal", "food", "tool", "vehicle", "fox", "lovely", "awful", "Ann", "red", "three", "7", "37"]:
+        assert len(tok(w, add_special_tokens=False).input_ids) == 1, (w, tok.tokenize(w))
