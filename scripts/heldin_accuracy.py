@@ -1,0 +1,44 @@
+"""Rank-classification accuracy of a trained adapter on the *training* tasks' validation examples, each
+routed by its own task id: which skills the multi-task stage learnt (held-out tasks combine them).
+
+    python scripts/heldin_accuracy.py [--checkpoint latest|outputs/train/<run>] [--per-task 100]
+"""
+import argparse
+import statistics
+from collections import defaultdict
+
+import torch
+
+from tensorpoly.checkpoint import load_adapter
+from tensorpoly.experiment.data import tokenize, training_mixture
+from tensorpoly.experiment.evaluation import predict
+from tensorpoly.experiment.rundir import find_checkpoint, run_config_of
+from tensorpoly.experiment.setup import load_backbone, load_tokenizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="latest")
+    parser.add_argument("--per-task", type=int, default=100, help="validation examples per task")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    adapter_dir = find_checkpoint(args.checkpoint)
+    run_cfg = run_config_of(adapter_dir)
+    tokenizer = load_tokenizer(run_cfg.backbone)
+    model = load_adapter(load_backbone(run_cfg.backbone), adapter_dir).eval()
+    mixture = training_mixture(run_cfg.data, int(run_cfg.seed))
+    by_task = defaultdict(list)
+    for example in mixture.validation:
+        if example.answer_choices and len(by_task[example.task]) < args.per_task:
+            by_task[example.task].append(example)
+    print(f"{adapter_dir}\n{'task':<36} {'accuracy':>8} {'chance':>7}")
+    for task, examples in sorted(by_task.items()):
+        preds = predict(model, tokenize(examples, tokenizer, mixture.task2id, run_cfg.data), tokenizer.pad_token_id,
+                        64, bool(run_cfg.eval.length_norm))
+        acc = statistics.mean(p == e.label for p, e in zip(preds, examples))
+        chance = statistics.mean(1 / len(e.answer_choices) for e in examples)
+        print(f"{task:<36} {acc:>8.2f} {chance:>7.2f}")
+
+
+if __name__ == "__main__":
+    main()
