@@ -103,6 +103,7 @@ class TensorPolyModel(nn.Module):
             parent_name, _, child_name = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child_name, adapter)
             self.adapter_names.append(name)
+            self.task_routing.register(adapter)  # groups layers whose factors are built together
 
     # ---- calling the model -------------------------------------------------------------
     @contextmanager
@@ -162,10 +163,12 @@ class TensorPolyModel(nn.Module):
             raise ConfigError(f"unknown average routing {kind!r}; choose one of {AVERAGE_KINDS}")
         for router in self.routers.values():
             router.average = kind
+        self.clear_factor_cache()
 
     def use_learned_routing(self) -> None:
         for router in self.routers.values():
             router.average = None
+        self.clear_factor_cache()
 
     def reset_tasks(self, task_names: Sequence[str]) -> None:
         """Fresh routing rows for new tasks (few-shot fine-tuning); the experts are kept."""
@@ -174,6 +177,12 @@ class TensorPolyModel(nn.Module):
         for router in self.routers.values():
             router.reset_logits(len(task_names))
             router.average = None
+        self.clear_factor_cache()
+
+    def clear_factor_cache(self) -> None:
+        """Forget the factors kept for gradient-free calls (see task_routing.py). Parameter updates
+        through optimizers, copy_ or load_state_dict are detected without it; edits via .data are not."""
+        self.task_routing.clear_factor_cache()
 
     # ---- introspection ---------------------------------------------------------------------
     @property

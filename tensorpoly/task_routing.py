@@ -6,12 +6,32 @@ writes, them. A layer that sees more rows than there are examples gets each exam
 repeated over its contiguous copies: that is how HF generation lays out beams and how
 `scoring.choice_log_likelihoods` lays out answer choices. Callers with another layout pass
 `decoder_task_ids` (one id per decoder row) instead.
+
+It also decides how the layers' factors are built during a call (the fast path):
+
+* Grouping. Adapted layers of one side (encoder or decoder) with equal `group_key()` (same
+  class and shapes) form a FactorGroup. The first layer of a group that runs in a call builds
+  the factors of every member at once (stacked leaves, stacked routers, one batched
+  construction); each member then takes its own. Routing depends on the task only, so
+  factors are built once per distinct task of the batch, never per example. A member that asks
+  a second time within one call (a second forward pass) triggers a fresh build, so each build's
+  autograd graph is used by one forward pass.
+* Caching. With gradients off and deterministic routing, a group keeps the factors of each task
+  it has built (at most `cache_size` tasks, least recently used first out) and reuses them
+  across calls. The cache is checked once per call against the members' and routers'
+  parameters (storage and version counters: any optimizer step, copy_ or load_state_dict
+  changes them) and the average-routing mode; the model also clears it on `reset_tasks` and
+  `use_average_routing`. Edits through `.data` bypass version counters: call
+  `TensorPolyModel.clear_factor_cache()` after them.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from contextlib import contextmanager
 
 import torch
+
+from .routing import Router
 
 
 class TaskRoutingError(ValueError):
@@ -23,6 +43,50 @@ class TaskRouting:
         self._ids: dict[str, torch.Tensor | None] = {}
         self._active = False
         self._cache: dict = {}
+        self._groups: dict[tuple, FactorGroup] = {}
+        self.grouping = True  # False: every layer builds its own factors (the simple path)
+        self.cache_size = 16  # tasks whose factors a group keeps for gradient-free calls; 0 turns caching off
+
+    # ---- grouped factors and the evaluation cache ------------------------------------------
+    def register(self, adapter) -> None:
+        """Put an adapted layer into the group of its side and group key (if it has one)."""
+        key = adapter.group_key()
+        if key is None:
+            return
+        group = self._groups.setdefault((adapter._side, key), FactorGroup())
+        adapter._group, adapter._group_index = group, len(group.members)
+        group.members.append(adapter)
+
+    def groups_active(self, adapter) -> bool:
+        return self._active and self.grouping and getattr(adapter, "_group", None) is not None
+
+    def clear_factor_cache(self) -> None:
+        for group in self._groups.values():
+            group.entries.clear()
+
+    def factors(self, adapter, n_rows: int):
+        """(A, B, inverse) of one grouped layer for this call: its slice of the group's build."""
+        group, index = adapter._group, adapter._group_index
+        ids = inverse = rows_key = None
+        cacheable = True
+        if adapter.routed:
+            router = adapter.router
+            ids, inverse = self.rows(adapter._side, n_rows, router)
+            rows_key = self._rows_key(adapter._side, n_rows, router)
+            cacheable = not router.stochastic
+        if cacheable and self.cache_size > 0 and not torch.is_grad_enabled():
+            key = ("cached", id(group), rows_key)
+            if key not in self._cache:
+                self._cache[key] = group.cached(ids, self.cache_size)
+            A, B = self._cache[key][index]  # no graph: reused by later steps of this call (generation)
+        else:
+            key = ("built", id(group), rows_key)
+            built = self._cache.get(key)
+            if built is None or built[index] is None:
+                built = self._cache[key] = group.build(ids)
+            A, B = built[index]
+            built[index] = None
+        return A, B, inverse
 
     @contextmanager
     def use(self, task_ids: torch.Tensor | None, decoder_task_ids: torch.Tensor | None = None):
@@ -36,24 +100,19 @@ class TaskRouting:
         finally:
             self._ids, self._active, self._cache = {}, False, {}
 
-    def rows(self, side: str | None, n_rows: int, router) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids to route, inverse): router(ids)[inverse] gives one weight row per input row.
+    def rows(self, side: str | None, n_rows: int, router) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(ids to route, inverse): router(ids)[inverse] gives one weight row per input row
+        (inverse None: router(ids) already has one row per input row, in order).
 
         Layers of one call share the result, so the distinct tasks are found once per call.
         """
-        if router.average is not None:
-            key = ("average", n_rows)
-        else:
-            key = (side, n_rows, router.stochastic)
+        key = self._rows_key(side, n_rows, router)
         if key not in self._cache:
             self._cache[key] = self._compute(side, n_rows, router)
         return self._cache[key]
 
-    def _compute(self, side, n_rows, router):
-        if router.average is not None:
-            # Every row gets the same weights: compute them once.
-            device = router.logits.device
-            return torch.zeros(1, dtype=torch.long, device=device), torch.zeros(n_rows, dtype=torch.long, device=device)
+    def row_ids(self, side: str | None, n_rows: int) -> torch.Tensor:
+        """The task id of every one of a layer's n_rows input rows (examples and their copies)."""
         ids = self._ids.get(side or "encoder")
         if not self._active or ids is None:
             raise TaskRoutingError("this model routes per task: pass task_ids=... (one id per example) to "
@@ -64,8 +123,105 @@ class TaskRouting:
                                        f"rows must be a whole multiple of the examples (contiguous copies), "
                                        f"or pass decoder_task_ids with one id per decoder row")
             ids = ids.repeat_interleave(n_rows // ids.shape[0])
+        return ids
+
+    @staticmethod
+    def _rows_key(side, n_rows, router) -> tuple:
+        if router.average is not None:
+            return ("average", n_rows)
+        return (side, n_rows, router.stochastic)
+
+    def _compute(self, side, n_rows, router):
+        if router.average is not None:
+            # Every row gets the same weights: compute them once.
+            device = router.logits.device
+            return torch.zeros(1, dtype=torch.long, device=device), torch.zeros(n_rows, dtype=torch.long, device=device)
+        ids = self.row_ids(side, n_rows)
         if router.stochastic:
             # A fresh sample per example, as the paper code draws one per row.
-            return ids, torch.arange(n_rows, device=ids.device)
+            return ids, None
         unique, inverse = torch.unique(ids, return_inverse=True)
+        if unique.shape[0] == n_rows:
+            return ids, None  # every row its own task: factors in row order, nothing to gather
         return unique, inverse
+
+
+class FactorGroup:
+    """Adapted layers of one side and one group key; see the module docstring."""
+
+    def __init__(self) -> None:
+        self.members: list = []
+        self.entries: OrderedDict = OrderedDict()  # task key -> [(A [d_in, r], B [r, d_out])] per member
+        self._fingerprint: tuple | None = None
+        self._router_plan: tuple | None = None
+
+    def weights(self, ids: torch.Tensor | None) -> torch.Tensor | None:
+        """Routing weights [G, U, splits, S] of every member for the distinct task ids."""
+        if ids is None:
+            return None
+        routers = [m.router for m in self.members]
+        first = routers[0]
+        if first.average is not None or any(r.average is not None or r.stochastic != first.stochastic
+                                            for r in routers):
+            return torch.stack([r(ids) for r in routers])
+        if self._router_plan is None:
+            distinct = list({id(r): r for r in routers}.values())
+            position = {id(r): i for i, r in enumerate(distinct)}
+            index = [position[id(r)] for r in routers]
+            self._router_plan = (distinct, None if index == list(range(len(routers))) else index)
+        distinct, index = self._router_plan
+        # As Router.forward, for every router at once: rows of the logits, then sigmoid (or a
+        # relaxed Bernoulli sample, drawn per member) and normalisation over the experts.
+        logits = torch.stack([r.logits for r in distinct])
+        rows = logits[:, ids].view(len(distinct), ids.shape[0], first.n_splits, first.n_experts)
+        if index is not None:
+            rows = rows[torch.tensor(index, device=rows.device)]
+        return Router.normalise(first.probabilities(rows))
+
+    def build(self, ids: torch.Tensor | None) -> list:
+        """[(A, B)] per member for the task ids (A [U, d_in, r], B [U, r, d_out])."""
+        members = self.members
+        if len({(m.probe.dtype, m.probe.device) for m in members}) > 1:
+            # Members on several devices (a model split over GPUs) or converted separately: no stacking.
+            weights = None if ids is None else [m.router(ids) for m in members]
+            return [m.factors(None if ids is None else weights[g]) for g, m in enumerate(members)]
+        return type(members[0]).build_group(members, self.weights(ids))
+
+    def fingerprint(self) -> tuple:
+        """Changes whenever anything the factors depend on may have changed."""
+        parts = []
+        for m in self.members:
+            parts.extend((p.data_ptr(), p._version, p.dtype) for p in m.factor_parameters())
+            if m.routed:
+                r = m.router
+                parts.append((r.logits.data_ptr(), r.logits._version, tuple(r.logits.shape), r.average))
+        return tuple(parts)
+
+    @torch.no_grad()
+    def cached(self, ids: torch.Tensor | None, size: int) -> list:
+        """[(A, B)] per member for the task ids, built at most once per task while nothing changes."""
+        fingerprint = self.fingerprint()
+        if fingerprint != self._fingerprint:
+            self.entries.clear()
+            self._fingerprint = fingerprint
+        if ids is None:
+            keys = ["dense"]
+        elif self.members[0].router.average is not None:
+            keys = [("average", self.members[0].router.average)]
+        else:
+            keys = ids.tolist()
+        missing = [i for i, k in enumerate(keys) if k not in self.entries]
+        if missing:
+            built = self.build(None if ids is None else ids[missing])
+            for j, i in enumerate(missing):
+                # Views keep the build's memory layout, so cached and uncached calls give equal bits.
+                self.entries[keys[i]] = [(A[j], B[j]) for A, B in built]
+        for k in keys:
+            self.entries.move_to_end(k)
+        while len(self.entries) > max(size, len(keys)):
+            self.entries.popitem(last=False)
+        if len(keys) == 1:
+            return [(A.unsqueeze(0), B.unsqueeze(0)) for A, B in self.entries[keys[0]]]
+        per_task = [self.entries[k] for k in keys]
+        return [(torch.stack([t[g][0] for t in per_task]), torch.stack([t[g][1] for t in per_task]))
+                for g in range(len(self.members))]

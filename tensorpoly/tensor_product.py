@@ -62,13 +62,55 @@ class PairNorm(nn.Module):
     def forward(self, z: torch.Tensor, used: int | None = None) -> torch.Tensor:
         """Normalise z; with over_padding=False the statistics use only its first `used` entries,
         the ones that survive truncation to d (the rest are dropped after the product anyway)."""
-        if self.over_padding or used is None or used >= z.shape[-1]:
-            return F.layer_norm(z, tuple(self.weight.shape), self.weight, self.bias, self.eps)
-        dims = (-2, -1) if self.scope == "joint" else (-1,)
-        kept = z[..., :used]
-        mean = kept.mean(dims, keepdim=True)
-        var = kept.var(dims, unbiased=False, keepdim=True)
-        return (z - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+        return pair_norm(z, used, self.scope, self.eps, self.over_padding, self.weight, self.bias)
+
+
+def pair_norm(z: torch.Tensor, used: int | None, scope: str, eps: float, over_padding: bool,
+              weight: torch.Tensor, bias: torch.Tensor, fused: bool = True) -> torch.Tensor:
+    """PairNorm's computation. fused=False takes weight and bias of any shape that broadcasts
+    against z (one affine per layer of a stacked group) instead of exactly the norm's shape."""
+    shape = tuple(z.shape[-2:]) if scope == "joint" else tuple(z.shape[-1:])
+    if over_padding or used is None or used >= z.shape[-1]:
+        if fused:
+            return F.layer_norm(z, shape, weight, bias, eps)
+        return torch.addcmul(bias, F.layer_norm(z, shape, None, None, eps), weight)
+    dims = (-2, -1) if scope == "joint" else (-1,)
+    kept = z[..., :used]
+    mean = kept.mean(dims, keepdim=True)
+    var = kept.var(dims, unbiased=False, keepdim=True)
+    return (z - mean) * torch.rsqrt(var + eps) * weight + bias
+
+
+class StackedNorms:
+    """The pair norms of G layers of one group, applied at once to stacked pair products.
+
+    Acts like the ModuleList `build_rows` expects: norms[p](z, used) normalises
+    z [G, *lead, r, l^2] with layer g's affine on z[g]. `lead` is the number of axes between
+    the layer axis and the norm's own shape (experts or tasks).
+    """
+
+    def __init__(self, lists: list[nn.ModuleList], lead: int):
+        self.count = len(lists[0])
+        self.norms = []
+        for p in range(self.count):
+            first = lists[0][p]
+            weight = torch.stack([norms[p].weight for norms in lists])
+            bias = torch.stack([norms[p].bias for norms in lists])
+            own = tuple(weight.shape[1:])  # [r, l^2] (joint) or [l^2] (row); z is [G, *lead, r, l^2]
+            view = (weight.shape[0],) + (1,) * (lead + 2 - len(own)) + own
+            self.norms.append((first.scope, first.eps, first.over_padding, weight.view(view), bias.view(view)))
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, p: int):
+        scope, eps, over_padding, weight, bias = self.norms[p]
+        return lambda z, used=None: pair_norm(z, used, scope, eps, over_padding, weight, bias, fused=False)
+
+
+def norm_signature(norms: nn.ModuleList) -> tuple:
+    """What must agree for layers' norms to be stacked: count, scope, eps, padding rule, shape."""
+    return tuple((n.scope, n.eps, n.over_padding, tuple(n.weight.shape)) for n in norms)
 
 
 def make_pair_norms(order: int, rank: int, leaf: int, scope: str, shared: bool, eps: float,
@@ -87,7 +129,9 @@ def kron_rows(a: torch.Tensor, b: torch.Tensor, keep: int | None = None) -> torc
     if keep is not None:
         # Entries past `keep` only come from rows of `a` past ceil(keep / q): drop them first.
         a = a[..., : math.ceil(keep / b.shape[-1])]
-    out = (a.unsqueeze(-1) * b.unsqueeze(-2)).flatten(-2)
+    # An outer product as a matmul with inner size 1: the same products as a broadcast multiply,
+    # but its backward is two matmuls instead of full-size temporaries and reductions.
+    out = torch.matmul(a.unsqueeze(-1), b.unsqueeze(-2)).flatten(-2)
     return out if keep is None else out[..., :keep]
 
 
@@ -101,10 +145,12 @@ def entries_reaching_output(lengths: list[int], p: int, d: int) -> int:
     return min(lengths[p], math.ceil(d / later))
 
 
-def build_rows(leaves: torch.Tensor, d: int, norms: nn.ModuleList) -> torch.Tensor:
+def build_rows(leaves: torch.Tensor, d: int, norms, truncate: bool = True) -> torch.Tensor:
     """Factor rows from leaves [..., N, r, l] -> [..., r, d].
 
-    `norms` holds one PairNorm per leaf pair, one shared by all pairs, or none.
+    `norms` holds one PairNorm per leaf pair, one shared by all pairs, or none (or a StackedNorms).
+    truncate=False returns the rows before the final cut to d: [..., r, d'] with d <= d' < d + (last
+    factor's length), contiguous, so a consumer can mix rows first and cut (a view) afterwards.
     """
     order, leaf = leaves.shape[-3], leaves.shape[-1]
     lengths = [leaf * leaf] * n_leaf_pairs(order) + [leaf] * (order % 2)
@@ -117,9 +163,9 @@ def build_rows(leaves: torch.Tensor, d: int, norms: nn.ModuleList) -> torch.Tens
     if order % 2:
         factors.append(leaves[..., order - 1, :, :])
     out = factors[0]
-    remaining = math.prod(f.shape[-1] for f in factors[1:])
+    later = math.prod(f.shape[-1] for f in factors[1:])
     for f in factors[1:]:
-        remaining //= f.shape[-1]
-        # Truncate as we go: only the first ceil(d / remaining) entries can reach the first d.
-        out = kron_rows(out, f, keep=math.ceil(d / remaining))
-    return out[..., :d]
+        # Only the first ceil(d / later) entries of `out` can reach the first d entries of the product.
+        out = kron_rows(out[..., : math.ceil(d / later)], f)
+        later //= f.shape[-1]
+    return out[..., :d] if truncate else out

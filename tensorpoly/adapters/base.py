@@ -38,6 +38,8 @@ class AdapterLinear(nn.Module):
         self._router: tuple = ()
         self._routing = None
         self._side: str | None = None
+        self._group = None  # the FactorGroup of TaskRouting that builds this layer's factors, if any
+        self._group_index = -1
 
     @classmethod
     def check_shape(cls, config: AdapterConfig, d_in: int, d_out: int, name: str) -> None:
@@ -66,7 +68,40 @@ class AdapterLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
+    def factor_parameters(self) -> list[torch.Tensor]:
+        """Everything the factors are built from (not the frozen base layer)."""
+        return [p for n, p in self.named_parameters() if not n.startswith("base_layer.")]
+
+    @property
+    def probe(self) -> torch.Tensor:
+        """One factor parameter, whose dtype and device stand for the layer's."""
+        return self.factor_parameters()[0]
+
+    # ---- grouping: layers whose factors one batched computation builds -------------------------
+    def group_key(self) -> tuple | None:
+        """Layers of one side with equal keys build their factors together (None: never grouped)."""
+        return None
+
+    @classmethod
+    def group_factors(cls, members: list["AdapterLinear"], weights: torch.Tensor | None):
+        """The factors of G members of one group, as rows: (A^T [G, U, r, >= d_in], B [G, U, r, >= d_out]),
+        for routing weights [G, U, splits, S] (None if dense: U = 1). Rows may run past d (the
+        tensor types leave the final cut to split_group). Subclasses batch it; this default loops."""
+        pairs = [m.factors(None if weights is None else weights[g]) for g, m in enumerate(members)]
+        return torch.stack([a for a, _ in pairs]).transpose(-1, -2), torch.stack([b for _, b in pairs])
+
+    @classmethod
+    def build_group(cls, members: list["AdapterLinear"], weights: torch.Tensor | None) -> list:
+        """[(A [U, d_in, r], B [U, r, d_out])] per member, from one batched group_factors call."""
+        first = members[0]
+        A_rows, B = cls.group_factors(members, weights)
+        As = CutAndSplit.apply(A_rows, first.in_features)
+        Bs = CutAndSplit.apply(B, first.out_features)
+        return [(a.transpose(-1, -2), b) for a, b in zip(As, Bs)]
+
+    # ---- forward ------------------------------------------------------------------------------
     def _task_factors(self, n_rows: int):
+        """This layer's factors on its own (no grouping, no cache): the simple path."""
         if not self.routed:
             A, B = self.factors(None)
             return A, B, None
@@ -76,21 +111,58 @@ class AdapterLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        A, B, inverse = self._task_factors(x.shape[0])
-        A, B = A.to(x.dtype), B.to(x.dtype)
-        if A.shape[0] == 1:
-            delta = (x @ A[0]) @ B[0]
+        routing = self._routing
+        if routing is not None and routing.groups_active(self):
+            A, B, inverse = routing.factors(self, x.shape[0])  # built with the layer's group, or cached
         else:
-            # One factor pair per distinct task, gathered per example.
-            flat = x.reshape(x.shape[0], -1, x.shape[-1])
-            delta = torch.bmm(torch.bmm(flat, A[inverse]), B[inverse]).reshape(*x.shape[:-1], -1)
-        return out + delta / self.rank
-
+            A, B, inverse = self._task_factors(x.shape[0])
+        return add_low_rank(x, out, A.to(x.dtype), B.to(x.dtype), inverse, self.rank)
     @torch.no_grad()
     def delta_weight(self, weights: torch.Tensor | None) -> torch.Tensor:
         """The update (1/r) (A B)^T in nn.Linear's [d_out, d_in] layout, for one routing row."""
         A, B = self.factors(weights)
         return (A[0] @ B[0]).T / self.rank
+
+
+class CutAndSplit(torch.autograd.Function):
+    """x [G, ..., d'] -> the G views x[g, ..., :d]. Its backward writes the members' gradients
+    into one buffer (zeros only past d), where slicing and unbinding would each make a full copy."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, d: int):
+        ctx.layout = (x.shape, x.stride(), x.dtype, x.device, d)
+        return tuple(x[g, ..., :d] for g in range(x.shape[0]))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        shape, stride, dtype, device, d = ctx.layout
+        grad = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+        if d < shape[-1]:
+            grad[..., d:].zero_()
+        for g, member in enumerate(grads):
+            if member is None:
+                grad[g, ..., :d].zero_()
+            else:
+                grad[g, ..., :d].copy_(member)
+        return grad, None
+
+
+def add_low_rank(x: torch.Tensor, out: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                 inverse: torch.Tensor | None, rank: int) -> torch.Tensor:
+    """out + (1/r) (x A_t) B_t for factors A [U, d_in, r], B [U, r, d_out], row b using task inverse[b].
+
+    One task: two plain matmuls over all rows, the second fused with the addition (addmm). Several:
+    the task factors gathered per row and two batched matmuls (baddbmm fuses the addition). The
+    1/r scale is applied to the rank-r intermediate, the smallest tensor on the way.
+    """
+    if A.shape[0] == 1:
+        h = x.reshape(-1, x.shape[-1]) @ A[0]
+        return torch.addmm(out.reshape(-1, out.shape[-1]), h / rank, B[0]).view(out.shape)
+    if inverse is not None:
+        A, B = A[inverse], B[inverse]
+    n = x.shape[0]
+    h = torch.bmm(x.reshape(n, -1, x.shape[-1]), A)
+    return torch.baddbmm(out.reshape(n, -1, out.shape[-1]), h / rank, B).view(out.shape)
 
 
 def check_positive_dims(name: str, d_in: int, d_out: int) -> None:

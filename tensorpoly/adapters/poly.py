@@ -43,3 +43,22 @@ class PolyLinear(AdapterLinear):
         A = torch.einsum("uqs,qsdr->uqdr", w, self.lora_A).reshape(U, self.in_features, self.rank)
         B = torch.einsum("uqs,qsrd->urqd", w, self.lora_B).reshape(U, self.rank, self.out_features)
         return A, B
+
+    @property
+    def probe(self) -> torch.Tensor:
+        return self.lora_A
+
+    def group_key(self) -> tuple:
+        return (type(self), self.in_features, self.out_features, tuple(self.lora_A.shape), tuple(self.lora_B.shape))
+
+    @classmethod
+    def group_factors(cls, members, weights):
+        first = members[0]
+        G, U, q, S = weights.shape
+        r, d_in, d_out = first.rank, first.in_features, first.out_features
+        w = weights.to(first.lora_A.dtype).transpose(1, 2).reshape(G * q, U, S)
+        lora_A = torch.stack([m.lora_A for m in members]).view(G * q, S, -1)  # [G q, S, d_in/q r]
+        lora_B = torch.stack([m.lora_B for m in members]).view(G * q, S, -1)  # [G q, S, r d_out/q]
+        A = torch.bmm(w, lora_A).view(G, q, U, d_in // q, r).transpose(1, 2).reshape(G, U, d_in, r)
+        B = torch.bmm(w, lora_B).view(G, q, U, r, d_out // q).permute(0, 2, 3, 1, 4).reshape(G, U, r, d_out)
+        return A.transpose(-1, -2), B

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig
-from ..tensor_product import build_rows, leaf_length, make_pair_norms
+from ..tensor_product import StackedNorms, build_rows, leaf_length, make_pair_norms, norm_signature
 from .base import AdapterLinear, paper_uniform_
 
 
@@ -51,9 +51,35 @@ class TensorFactors(AdapterLinear):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", order={self.order}, leaves=({self.leaf_A}, {self.leaf_B})"
 
+    @property
+    def probe(self) -> torch.Tensor:
+        return self.leaves_A
+
+    def group_key(self) -> tuple:
+        return (type(self), self.in_features, self.out_features, tuple(self.leaves_A.shape), tuple(self.leaves_B.shape),
+                norm_signature(self.norms_A), norm_signature(self.norms_B))
+
+    @staticmethod
+    def stacked(members, side: str, lead: int):
+        """Leaves [G, N, *experts, r, l] and norms of one factor side of every member, stacked."""
+        leaves = torch.stack([getattr(m, f"leaves_{side}") for m in members])
+        norms = getattr(members[0], f"norms_{side}")
+        if len(norms):
+            norms = StackedNorms([getattr(m, f"norms_{side}") for m in members], lead)
+        return leaves, norms
+
 
 class TLoRALinear(TensorFactors):
     def factors(self, weights):
         A = build_rows(self.leaves_A, self.in_features, self.norms_A)  # [r, d_in]
         B = build_rows(self.leaves_B, self.out_features, self.norms_B)  # [r, d_out]
         return A.T.unsqueeze(0), B.unsqueeze(0)
+
+    @classmethod
+    def group_factors(cls, members, weights):
+        first = members[0]
+        leaves_A, norms_A = cls.stacked(members, "A", lead=0)
+        leaves_B, norms_B = cls.stacked(members, "B", lead=0)
+        A = build_rows(leaves_A, first.in_features, norms_A, truncate=False)  # [G, r, d_in']
+        B = build_rows(leaves_B, first.out_features, norms_B, truncate=False)  # [G, r, d_out']
+        return A.unsqueeze(1), B.unsqueeze(1)

@@ -1,0 +1,463 @@
+#!/usr/bin/env python
+"""Side-by-side speed and memory of every adapter, on one backbone and one batch, in one process.
+
+    python scripts/bench_adapters.py --preset cpu     # small T5 (d_model 512, 8+8 layers), 1 CPU thread, minutes
+    python scripts/bench_adapters.py --preset gpu     # T5-XL shapes, bf16, one GPU (random weights, no download)
+    make bench ARGS="--preset cpu"
+
+Rows: the frozen backbone (the floor: forward and backward through the frozen network, nothing
+to update), PEFT LoRA r16, our LoRA r16, TLoRA, PEFT Poly, our Poly, MHR, TensorPoly-I and -II at
+order 2 and 4, and the literal per-example TensorPoly-I/II (tensorpoly/per_example.py: the paper
+code's algorithm) as the anchor. Every batch mixes `distinct` different tasks.
+
+Per row: the training step (forward, backward, AdamW step, zero_grad) and the evaluation forward
+(no grad, teacher-forced, with labels), each the median of `steps` timed repetitions after `warmup`
+untimed ones; peak memory of a training step; trainable parameters; each as a ratio to our LoRA
+r16, and the time above the floor. With --interleave (the CPU default) all models are built first
+and timed round-robin, one step of every model per round, so background load drifts hit every
+row alike.
+
+Peak memory. GPU: torch.cuda.max_memory_allocated over one training step (weights, optimizer
+state, activations, everything allocated). CPU: the same quantity, computed as the bytes of the
+model's parameters, buffers and optimizer state plus the peak, over one training step, of the
+bytes allocated by torch above the step's start (from the profiler's allocation events).
+
+Writes <out>/<preset>.json and <out>/<preset>.md (hardware and versions included).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TARGETS = ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]  # every attention and FF linear, as our default
+
+PRESETS = {
+    # A small T5 v1.1 layout (t5-small-lm-adapt shapes) with a byte-sized vocabulary.
+    "cpu": dict(backbone="t5_small_lm_adapt", config=dict(vocab_size=384), batch=8, distinct=8,
+                input_len=64, target_len=16, dtype="float32", device="cpu", n_tasks=313,
+                mhr_heads=64, warmup=2, steps=5, interleave=True, threads=1),
+    # T5-XL / T0-3B shapes, the paper's setting; random weights built from the config.
+    "gpu": dict(backbone="t5_xl_lm_adapt", config={}, batch=16, distinct=8, input_len=256, target_len=64,
+                dtype="bfloat16", device="cuda", n_tasks=313, mhr_heads=64, warmup=3, steps=10,
+                interleave=False, threads=None),
+    # Seconds: for the smoke test of this script's code path.
+    "tiny": dict(backbone=None, config=dict(vocab_size=64, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
+                                            num_decoder_layers=2, feed_forward_proj="gated-gelu"),
+                 batch=4, distinct=2, input_len=8, target_len=4, dtype="float32", device="cpu", n_tasks=4,
+                 mhr_heads=4, warmup=1, steps=1, interleave=True, threads=1),
+}
+
+
+@dataclass
+class Variant:
+    name: str
+    label: str
+    kind: str  # floor | peft_lora | peft_poly | ours | literal
+    fields: dict = field(default_factory=dict)
+
+    @property
+    def settings(self) -> str:
+        f = self.fields
+        parts = []
+        if "rank" in f:
+            parts.append(f"r{f['rank']}")
+        if "n_experts" in f:
+            parts.append(f"S{f['n_experts']}")
+        if "order" in f:
+            parts.append(f"N{f['order']}")
+        if f.get("n_splits", 1) > 1:
+            parts.append(f"h{f['n_splits']}")
+        return " ".join(parts) or "-"
+
+
+def variants(mhr_heads: int) -> list[Variant]:
+    tp = dict(rank=16, n_experts=8)
+    rows = [
+        Variant("floor", "frozen backbone (floor)", "floor"),
+        Variant("peft_lora_r16", "PEFT LoRA", "peft_lora", dict(rank=16)),
+        Variant("lora_r16", "LoRA (ours)", "ours", dict(module_type="lora", rank=16)),
+        Variant("tlora_n4", "TLoRA", "ours", dict(module_type="tlora", rank=16, order=4)),
+        Variant("peft_poly", "PEFT Poly", "peft_poly", dict(rank=1, n_experts=8)),
+        Variant("poly", "Poly (ours)", "ours", dict(module_type="poly", rank=1, n_experts=8)),
+        Variant("mhr", "MHR", "ours", dict(module_type="mhr", rank=1, n_experts=8, n_splits=mhr_heads)),
+    ]
+    for kind, label in (("tensorpoly1", "TensorPoly-I"), ("tensorpoly2", "TensorPoly-II")):
+        for order in (2, 4):
+            rows.append(Variant(f"{kind}_n{order}", label, "ours", dict(module_type=kind, order=order, **tp)))
+    for kind, label in (("tensorpoly1", "TensorPoly-I"), ("tensorpoly2", "TensorPoly-II")):
+        for order in (2, 4):
+            rows.append(Variant(f"literal_{kind}_n{order}", f"{label}, literal per-example", "literal",
+                                dict(module_type=kind, order=order, **tp)))
+    return rows
+
+
+# ---- building ------------------------------------------------------------------------------------
+def backbone_config(preset: dict):
+    from transformers import T5Config
+
+    if preset["backbone"]:
+        from tensorpoly.backbones import backbone_config as named
+
+        config = named(preset["backbone"])
+    else:
+        config = T5Config()
+    for key, value in preset["config"].items():
+        setattr(config, key, value)
+    config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = 0, 0, 1
+    return config
+
+
+def build_backbone(config, device, dtype, seed: int):
+    from transformers import T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = T5ForConditionalGeneration(config)
+    return model.to(dtype)
+
+
+def build(variant: Variant, config, preset: dict, tasks: list[str], seed: int):
+    """(model, call(inputs, train) -> loss, trainable parameters)."""
+    device, dtype = torch.device(preset["device"]), getattr(torch, preset["dtype"])
+    backbone = build_backbone(config, device, dtype, seed)
+    f = variant.fields
+    if variant.kind == "floor":
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        # Gradients flow through the whole frozen network (as they must for any adapter of the
+        # first layer), into the embedding output; nothing is updated.
+        for module in backbone.modules():
+            if isinstance(module, torch.nn.Embedding):
+                module.register_forward_hook(lambda m, i, out: out.requires_grad_())
+        return backbone, lambda b: backbone(input_ids=b["input_ids"], labels=b["labels"]).loss
+    if variant.kind == "peft_lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(backbone, LoraConfig(task_type="SEQ_2_SEQ_LM", r=f["rank"], lora_alpha=f["rank"],
+                                                    lora_dropout=0.0, target_modules=TARGETS),
+                               autocast_adapter_dtype=False)
+        return model, lambda b: model(input_ids=b["input_ids"], labels=b["labels"]).loss
+    if variant.kind == "peft_poly":
+        from peft import PolyConfig, get_peft_model
+
+        model = get_peft_model(backbone, PolyConfig(task_type="SEQ_2_SEQ_LM", r=f["rank"], n_tasks=len(tasks),
+                                                    n_skills=f["n_experts"], n_splits=1, target_modules=TARGETS),
+                               autocast_adapter_dtype=False)
+        return model, lambda b: model(input_ids=b["input_ids"], labels=b["labels"], task_ids=b["task_ids"]).loss
+    from tensorpoly import AdapterConfig, TensorPolyModel
+    from tensorpoly.per_example import per_example
+
+    fields = dict(f)
+    routed = fields["module_type"] in ("poly", "mhr", "tensorpoly1", "tensorpoly2")
+    model = TensorPolyModel(backbone, AdapterConfig(task_names=tasks if routed else [], **fields))
+    if variant.kind == "literal":
+        per_example(model)
+    ids_key = "task_ids" if routed else None
+    return model, lambda b: model(input_ids=b["input_ids"], labels=b["labels"],
+                                  task_ids=b[ids_key] if ids_key else None).loss
+
+
+def make_batch(preset: dict, vocab: int, n_tasks: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    B, distinct = preset["batch"], preset["distinct"]
+    chosen = torch.randperm(n_tasks, generator=g)[:distinct]
+    task_ids = chosen.repeat(B // distinct + 1)[:B]
+    task_ids = task_ids[torch.randperm(B, generator=g)]  # examples of one task are not adjacent
+    batch = dict(input_ids=torch.randint(2, vocab, (B, preset["input_len"]), generator=g),
+                 labels=torch.randint(2, vocab, (B, preset["target_len"]), generator=g), task_ids=task_ids)
+    return {k: v.to(preset["device"]) for k, v in batch.items()}
+
+
+# ---- measuring -----------------------------------------------------------------------------------
+class Runner:
+    """One model, its optimizer, and timed training / evaluation calls."""
+
+    def __init__(self, variant: Variant, model, call, batch: dict, device: torch.device):
+        self.variant, self.model, self.call, self.batch, self.device = variant, model, call, batch, device
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4) if self.params else None
+        self.train_ms: list[float] = []
+        self.eval_ms: list[float] = []
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def train_step(self) -> None:
+        self.model.train()
+        loss = self.call(self.batch)
+        loss.backward()
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def eval_forward(self) -> None:
+        self.model.eval()
+        self.call(self.batch)
+
+    def timed(self, fn, into: list | None) -> None:
+        self.sync()
+        start = time.perf_counter()
+        fn()
+        self.sync()
+        if into is not None:
+            into.append((time.perf_counter() - start) * 1000)
+
+    def persistent_bytes(self) -> int:
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        if self.optimizer is not None:
+            tensors += [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        seen = {}
+        for t in tensors:
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        return sum(seen.values())
+
+    def peak_bytes(self) -> int:
+        """Peak memory of one training step (see the module docstring)."""
+        if self.device.type == "cuda":
+            gc.collect()
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.train_step()
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device)
+        return self.persistent_bytes() + cpu_step_peak(self.train_step)
+
+
+def cpu_step_peak(fn) -> int:
+    """Peak bytes allocated by torch on the CPU during fn(), above the level at its start."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    allocations = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            allocations.append((event.start_time_ns, event.extra_fields.alloc_size, event.extra_fields.total_allocated))
+    if not allocations:
+        return 0
+    allocations.sort()
+    start = allocations[0][2] - allocations[0][1]  # the running total just before the first allocation
+    return max(total for _, _, total in allocations) - start
+
+
+def hardware(device: torch.device) -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu": platform.processor() or "?",
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = props.name
+        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+    return info
+
+
+def versions() -> dict:
+    import peft
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "cuda": torch.version.cuda}
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def summarise(runners: list[Runner], memory: dict, counts: dict) -> list[dict]:
+    by_name = {r.variant.name: r for r in runners}
+    ref = by_name.get("lora_r16")
+    floor = by_name.get("floor")
+    ref_train, ref_eval = (median(ref.train_ms), median(ref.eval_ms)) if ref else (None, None)
+    floor_train = median(floor.train_ms) if floor else None
+    rows = []
+    for r in runners:
+        v = r.variant
+        train, evaluation = median(r.train_ms), median(r.eval_ms)
+        row = dict(name=v.name, label=v.label, settings=v.settings, kind=v.kind, trainable_params=counts[v.name],
+                   train_ms=train, eval_ms=evaluation, peak_mib=memory[v.name] / 2**20,
+                   train_ms_all=r.train_ms, eval_ms_all=r.eval_ms)
+        row["train_x_lora"] = train / ref_train if ref_train else None
+        row["eval_x_lora"] = evaluation / ref_eval if ref_eval else None
+        row["peak_x_lora"] = memory[v.name] / memory["lora_r16"] if "lora_r16" in memory else None
+        row["train_over_floor_ms"] = train - floor_train if floor_train is not None else None
+        rows.append(row)
+    # The literal per-example anchor against the fast path of the same type and order.
+    for row in rows:
+        literal = next((x for x in rows if x["name"] == f"literal_{row['name']}"), None)
+        if literal is not None:
+            row["literal_x_train"] = literal["train_ms"] / row["train_ms"]
+            row["literal_x_eval"] = literal["eval_ms"] / row["eval_ms"]
+            if row["train_over_floor_ms"] and literal["train_over_floor_ms"] is not None:
+                row["literal_x_overhead"] = literal["train_over_floor_ms"] / row["train_over_floor_ms"]
+    return rows
+
+
+def fmt(value, spec: str, empty: str = "-") -> str:
+    return empty if value is None else format(value, spec)
+
+
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    hw = result["hardware"]
+    where = hw.get("gpu") or f"{hw['cpu']}, {hw['torch_threads']} thread(s)"
+    lines = [f"Preset `{result['preset']}`: {s['backbone']} (d_model {s['d_model']}, {s['layers']} layers, "
+             f"vocab {s['vocab_size']}), batch {s['batch']} with {s['distinct']} different tasks, input {s['input_len']}, "
+             f"target {s['target_len']}, {s['dtype']}, {s['adapted_linears']} adapted linears. {where}; "
+             f"torch {result['versions']['torch']}. Median of {s['steps']} steps after {s['warmup']} warm-up"
+             f"{', interleaved' if s['interleave'] else ''}.",
+             "",
+             "| variant | settings | trainable | train step ms | × LoRA | over floor ms | eval fwd ms | × LoRA "
+             "| peak MiB | × LoRA | literal ÷ this (train / eval) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in result["rows"]:
+        literal = (f"{row['literal_x_train']:.2f} / {row['literal_x_eval']:.2f}" if "literal_x_train" in row else "")
+        lines.append(f"| {row['label']} | {row['settings']} | {row['trainable_params']:,} | {fmt(row['train_ms'], '.1f')} "
+                     f"| {fmt(row['train_x_lora'], '.3f')} | {fmt(row['train_over_floor_ms'], '.1f')} "
+                     f"| {fmt(row['eval_ms'], '.1f')} | {fmt(row['eval_x_lora'], '.3f')} | {fmt(row['peak_mib'], ',.0f')} "
+                     f"| {fmt(row['peak_x_lora'], '.3f')} | {literal} |")
+    lines.append("")
+    lines.append("× LoRA: ratio to our LoRA r16. Peak: " + result["memory_note"])
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--steps", type=int, help="timed repetitions (median)")
+    parser.add_argument("--warmup", type=int, help="untimed repetitions first")
+    parser.add_argument("--only", help="comma-separated variant names (floor and lora_r16 are always kept)")
+    parser.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                        help="build every model first and time them round-robin (CPU default)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (the cpu preset uses 1)")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from tqdm.auto import tqdm
+
+    preset = dict(PRESETS[args.preset])
+    for key in ("steps", "warmup", "interleave", "threads"):
+        if getattr(args, key) is not None:
+            preset[key] = getattr(args, key)
+    if preset["threads"]:
+        torch.set_num_threads(preset["threads"])
+    device = torch.device(preset["device"])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("the gpu preset needs a CUDA device; use --preset cpu here", file=sys.stderr)
+        return 2
+    rows = variants(preset["mhr_heads"])
+    if args.only:
+        keep = set(args.only.split(",")) | {"floor", "lora_r16"}
+        unknown = keep - {v.name for v in rows}
+        if unknown:
+            print(f"unknown variants {sorted(unknown)}; known: {[v.name for v in rows]}", file=sys.stderr)
+            return 2
+        rows = [v for v in rows if v.name in keep]
+    config = backbone_config(preset)
+    tasks = [f"task{i}" for i in range(preset["n_tasks"])]
+    batch = make_batch(preset, config.vocab_size, len(tasks), args.seed)
+
+    counts, memory, runners, adapted = {}, {}, [], 0
+
+    def make(v: Variant) -> Runner:
+        nonlocal adapted
+        model, call = build(v, config, preset, tasks, args.seed)
+        runner = Runner(v, model, call, batch, device)
+        counts[v.name] = sum(p.numel() for p in runner.params)
+        if v.kind == "ours":
+            adapted = len(model.adapter_names)
+        return runner
+
+    def measure(runner: Runner, train: bool, evaluation: bool) -> None:
+        if train:
+            for _ in range(preset["warmup"]):
+                runner.timed(runner.train_step, None)
+        if evaluation:
+            for _ in range(preset["warmup"]):
+                runner.timed(runner.eval_forward, None)
+
+    started = time.perf_counter()
+    if preset["interleave"]:
+        for v in tqdm(rows, desc="build + warm-up", unit="variant"):
+            runner = make(v)
+            measure(runner, train=True, evaluation=False)
+            runners.append(runner)
+        for _ in tqdm(range(preset["steps"]), desc="train rounds", unit="round"):
+            for runner in runners:
+                runner.timed(runner.train_step, runner.train_ms)
+        for runner in runners:
+            measure(runner, train=False, evaluation=True)
+        for _ in tqdm(range(preset["steps"]), desc="eval rounds", unit="round"):
+            for runner in runners:
+                runner.timed(runner.eval_forward, runner.eval_ms)
+        for runner in tqdm(runners, desc="peak memory", unit="variant"):
+            memory[runner.variant.name] = runner.peak_bytes()
+    else:
+        for v in tqdm(rows, desc="variants", unit="variant"):
+            runner = make(v)
+            measure(runner, train=True, evaluation=False)
+            for _ in range(preset["steps"]):
+                runner.timed(runner.train_step, runner.train_ms)
+            memory[v.name] = runner.peak_bytes()
+            measure(runner, train=False, evaluation=True)
+            for _ in range(preset["steps"]):
+                runner.timed(runner.eval_forward, runner.eval_ms)
+            # Keep the timings, free the model before the next one is built.
+            runner.model = runner.call = runner.optimizer = runner.params = None
+            runners.append(runner)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    memory_note = ("torch.cuda.max_memory_allocated over one training step (everything allocated)."
+                   if device.type == "cuda" else
+                   "parameters + buffers + optimizer state of the model, plus the peak bytes torch allocated "
+                   "during one training step above its start (profiler allocation events).")
+    result = dict(
+        preset=args.preset,
+        command="python scripts/bench_adapters.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        settings=dict(backbone=preset["backbone"] or "tiny", d_model=config.d_model,
+                      layers=f"{config.num_layers}+{config.num_decoder_layers}", vocab_size=config.vocab_size,
+                      batch=preset["batch"], distinct=preset["distinct"], input_len=preset["input_len"],
+                      target_len=preset["target_len"], dtype=preset["dtype"], n_tasks=len(tasks),
+                      steps=preset["steps"], warmup=preset["warmup"], interleave=preset["interleave"],
+                      adapted_linears=adapted, task_ids=batch["task_ids"].tolist()),
+        hardware=hardware(device), versions=versions(), seconds=round(time.perf_counter() - started, 1),
+        memory_note=memory_note, rows=summarise(runners, memory, counts))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.preset}.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(result)
+    (args.out / f"{args.preset}.md").write_text(table)
+    print(table)
+    print(f"wrote {args.out / (args.preset + '.json')} and .md in {result['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
