@@ -31,6 +31,7 @@ from contextlib import contextmanager
 
 import torch
 
+from .adapters.base import Factors
 from .routing import Router
 
 
@@ -46,6 +47,9 @@ class TaskRouting:
         self._groups: dict[tuple, FactorGroup] = {}
         self.grouping = True  # False: every layer builds its own factors (the simple path)
         self.cache_size = 16  # tasks whose factors a group keeps for gradient-free calls; 0 turns caching off
+        # Training: keep only the factors' small pieces for the backward pass and rebuild the factors
+        # there (less memory, a little more time); False keeps the factors.
+        self.recompute_factors = False
 
     # ---- grouped factors and the evaluation cache ------------------------------------------
     def register(self, adapter) -> None:
@@ -65,7 +69,8 @@ class TaskRouting:
             group.entries.clear()
 
     def factors(self, adapter, n_rows: int):
-        """(A, B, inverse) of one grouped layer for this call: its slice of the group's build."""
+        """(factors, inverse) of one grouped layer for this call: (A, B) from the cache, or the layer's
+        Factors from its group's build."""
         group, index = adapter._group, adapter._group_index
         ids = inverse = rows_key = None
         cacheable = True
@@ -78,15 +83,13 @@ class TaskRouting:
             key = ("cached", id(group), rows_key)
             if key not in self._cache:
                 self._cache[key] = group.cached(ids, self.cache_size)
-            A, B = self._cache[key][index]  # no graph: reused by later steps of this call (generation)
-        else:
-            key = ("built", id(group), rows_key)
-            built = self._cache.get(key)
-            if built is None or built[index] is None:
-                built = self._cache[key] = group.build(ids)
-            A, B = built[index]
-            built[index] = None
-        return A, B, inverse
+            return self._cache[key][index], inverse  # (A, B), no graph: reused by later steps (generation)
+        key = ("built", id(group), rows_key)
+        built = self._cache.get(key)
+        if built is None or built[index] is None:
+            built = self._cache[key] = group.build(ids)
+        factors, built[index] = built[index], None
+        return factors, inverse  # Factors: the member finishes them in its forward
 
     @contextmanager
     def use(self, task_ids: torch.Tensor | None, decoder_task_ids: torch.Tensor | None = None):
@@ -179,12 +182,11 @@ class FactorGroup:
         return Router.normalise(first.probabilities(rows))
 
     def build(self, ids: torch.Tensor | None) -> list:
-        """[(A, B)] per member for the task ids (A [U, d_in, r], B [U, r, d_out])."""
+        """Per member, its Factors (A [U, d_in, r], B [U, r, d_out]) for the task ids."""
         members = self.members
         if len({(m.probe.dtype, m.probe.device) for m in members}) > 1:
             # Members on several devices (a model split over GPUs) or converted separately: no stacking.
-            weights = None if ids is None else [m.router(ids) for m in members]
-            return [m.factors(None if ids is None else weights[g]) for g, m in enumerate(members)]
+            return [Factors(lambda m=m: m.factors(None if ids is None else m.router(ids)), ()) for m in members]
         return type(members[0]).build_group(members, self.weights(ids))
 
     def fingerprint(self) -> tuple:
@@ -212,7 +214,7 @@ class FactorGroup:
             keys = ids.tolist()
         missing = [i for i, k in enumerate(keys) if k not in self.entries]
         if missing:
-            built = self.build(None if ids is None else ids[missing])
+            built = [factors.materialize() for factors in self.build(None if ids is None else ids[missing])]
             for j, i in enumerate(missing):
                 # Views keep the build's memory layout, so cached and uncached calls give equal bits.
                 self.entries[keys[i]] = [(A[j], B[j]) for A, B in built]

@@ -129,9 +129,7 @@ def kron_rows(a: torch.Tensor, b: torch.Tensor, keep: int | None = None) -> torc
     if keep is not None:
         # Entries past `keep` only come from rows of `a` past ceil(keep / q): drop them first.
         a = a[..., : math.ceil(keep / b.shape[-1])]
-    # An outer product as a matmul with inner size 1: the same products as a broadcast multiply,
-    # but its backward is two matmuls instead of full-size temporaries and reductions.
-    out = torch.matmul(a.unsqueeze(-1), b.unsqueeze(-2)).flatten(-2)
+    out = (a.unsqueeze(-1) * b.unsqueeze(-2)).flatten(-2)
     return out if keep is None else out[..., :keep]
 
 
@@ -145,13 +143,17 @@ def entries_reaching_output(lengths: list[int], p: int, d: int) -> int:
     return min(lengths[p], math.ceil(d / later))
 
 
-def build_rows(leaves: torch.Tensor, d: int, norms, truncate: bool = True) -> torch.Tensor:
+def build_rows(leaves: torch.Tensor, d: int, norms) -> torch.Tensor:
     """Factor rows from leaves [..., N, r, l] -> [..., r, d].
 
     `norms` holds one PairNorm per leaf pair, one shared by all pairs, or none (or a StackedNorms).
-    truncate=False returns the rows before the final cut to d: [..., r, d'] with d <= d' < d + (last
-    factor's length), contiguous, so a consumer can mix rows first and cut (a view) afterwards.
     """
+    return kron_chain(row_factors(leaves, d, norms), d)
+
+
+def row_factors(leaves: torch.Tensor, d: int, norms) -> list[torch.Tensor]:
+    """The factors whose Kronecker product is a row: the normalised leaf pairs, then the unpaired
+    last leaf for odd N: [..., r, l^2] each, and [..., r, l]."""
     order, leaf = leaves.shape[-3], leaves.shape[-1]
     lengths = [leaf * leaf] * n_leaf_pairs(order) + [leaf] * (order % 2)
     factors = []
@@ -162,10 +164,34 @@ def build_rows(leaves: torch.Tensor, d: int, norms, truncate: bool = True) -> to
         factors.append(pair)
     if order % 2:
         factors.append(leaves[..., order - 1, :, :])
+    return factors
+
+
+def kron_chain(factors: list[torch.Tensor], d: int | None = None) -> torch.Tensor:
+    """Row-wise Kronecker product of factors [..., r, len_i], cut to its first d entries (None: all)."""
     out = factors[0]
     later = math.prod(f.shape[-1] for f in factors[1:])
     for f in factors[1:]:
-        # Only the first ceil(d / later) entries of `out` can reach the first d entries of the product.
-        out = kron_rows(out[..., : math.ceil(d / later)], f)
         later //= f.shape[-1]
-    return out[..., :d] if truncate else out
+        # Only the first ceil(d / later) entries of the product with f can reach the first d.
+        out = kron_rows(out, f, keep=None if d is None else math.ceil(d / later))
+    return out if d is None else out[..., :d]
+
+
+def mix_kron_chain(w: torch.Tensor, factors: list[torch.Tensor], d: int) -> torch.Tensor:
+    """sum_s w[u, s] kron_chain(factors[s])[:d] for experts' factors [S, r, len_i] and weights [U, S]
+    -> [U, r, d], without building the S experts' rows when there are two factors or more.
+
+    The mixed row is, as a [p, q] matrix, sum_s w[u, s] P_s^T Q_s with P the first factor and Q the
+    product of the others: one batched matmul over the rows, contracting the experts.
+    """
+    if len(factors) == 1:
+        S, r, full = factors[0].shape
+        return torch.mm(w, factors[0].reshape(S, r * full)).view(-1, r, full)[..., :d]
+    Q = kron_chain(factors[1:])  # [S, r, q]
+    S, r, q = Q.shape
+    P = factors[0][..., : math.ceil(d / q)]  # [S, r, p]: only these entries reach the first d
+    U, p = w.shape[0], P.shape[-1]
+    Pw = P.permute(1, 2, 0).unsqueeze(1) * w.view(1, U, 1, S)  # [r, U, p, S]
+    out = torch.bmm(Pw.reshape(r, U * p, S), Q.transpose(0, 1))  # [r, U p, q]
+    return out.view(r, U, p * q)[..., :d].transpose(0, 1)  # [U, r, d]

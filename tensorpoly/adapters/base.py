@@ -91,13 +91,14 @@ class AdapterLinear(nn.Module):
         return torch.stack([a for a, _ in pairs]).transpose(-1, -2), torch.stack([b for _, b in pairs])
 
     @classmethod
-    def build_group(cls, members: list["AdapterLinear"], weights: torch.Tensor | None) -> list:
-        """[(A [U, d_in, r], B [U, r, d_out])] per member, from one batched group_factors call."""
+    def build_group(cls, members: list["AdapterLinear"], weights: torch.Tensor | None) -> list["Factors"]:
+        """Per member, how to get its factors; here all of them come from one batched group_factors
+        call (the tensor types override this and leave the large final products to each member)."""
         first = members[0]
         A_rows, B = cls.group_factors(members, weights)
         As = CutAndSplit.apply(A_rows, first.in_features)
         Bs = CutAndSplit.apply(B, first.out_features)
-        return [(a.transpose(-1, -2), b) for a, b in zip(As, Bs)]
+        return [Factors(transpose_first, (a, b)) for a, b in zip(As, Bs)]
 
     # ---- forward ------------------------------------------------------------------------------
     def _task_factors(self, n_rows: int):
@@ -113,10 +114,21 @@ class AdapterLinear(nn.Module):
         out = self.base_layer(x)
         routing = self._routing
         if routing is not None and routing.groups_active(self):
-            A, B, inverse = routing.factors(self, x.shape[0])  # built with the layer's group, or cached
+            factors, inverse = routing.factors(self, x.shape[0])  # from the layer's group, or cached
+            if isinstance(factors, Factors):
+                if routing.recompute_factors and torch.is_grad_enabled():
+                    # Kept for the backward pass: the pieces only; the factors are rebuilt from them.
+                    return TaskLowRank.apply(x, out, inverse, self.rank, factors.make, *factors.pieces)
+                A, B = factors.materialize()
+                if inverse is not None and torch.is_grad_enabled():
+                    # Kept: the task factors, not copies gathered per row as autograd would keep.
+                    return TaskLowRank.apply(x, out, inverse, self.rank, None, A, B)
+            else:
+                A, B = factors
         else:
             A, B, inverse = self._task_factors(x.shape[0])
         return add_low_rank(x, out, A.to(x.dtype), B.to(x.dtype), inverse, self.rank)
+
     @torch.no_grad()
     def delta_weight(self, weights: torch.Tensor | None) -> torch.Tensor:
         """The update (1/r) (A B)^T in nn.Linear's [d_out, d_in] layout, for one routing row."""
@@ -126,7 +138,7 @@ class AdapterLinear(nn.Module):
 
 class CutAndSplit(torch.autograd.Function):
     """x [G, ..., d'] -> the G views x[g, ..., :d]. Its backward writes the members' gradients
-    into one buffer (zeros only past d), where slicing and unbinding would each make a full copy."""
+    into one buffer, where slicing and unbinding would each make a full copy."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, d: int):
@@ -137,14 +149,114 @@ class CutAndSplit(torch.autograd.Function):
     def backward(ctx, *grads):
         shape, stride, dtype, device, d = ctx.layout
         grad = torch.empty_strided(shape, stride, dtype=dtype, device=device)
-        if d < shape[-1]:
-            grad[..., d:].zero_()
+        if d < shape[-1] or any(member is None for member in grads):
+            grad.zero_()  # one contiguous fill is cheaper than zeroing the strided tails
         for g, member in enumerate(grads):
-            if member is None:
-                grad[g, ..., :d].zero_()
-            else:
+            if member is not None:
                 grad[g, ..., :d].copy_(member)
         return grad, None
+
+
+class Factors:
+    """A layer's factors as `make(*pieces)` -> (A [U, d_in, r], B [U, r, d_out]): the pieces are what the
+    group built for it (small tensors, or the factors themselves), make finishes them."""
+
+    __slots__ = ("make", "pieces")
+
+    def __init__(self, make, pieces: tuple):
+        self.make, self.pieces = make, tuple(pieces)
+
+    def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.make(*self.pieces)
+
+
+def transpose_first(A_rows: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return A_rows.transpose(-1, -2), B
+
+
+class TaskLowRank(torch.autograd.Function):
+    """y = out + (1/r) (x A_t) B_t, as add_low_rank, with a hand-written backward that keeps only x,
+    the rank-r intermediate and the pieces: never the per-row gathered factors, and with `make`
+    given, not the factors either (they are rebuilt from the pieces in the backward pass).
+
+    apply(x, out, inverse, rank, make, *pieces): make(*pieces) -> (A, B); make=None: pieces are (A, B).
+    """
+
+    @staticmethod
+    def forward(ctx, x, out, inverse, rank, make, *pieces):
+        A, B = make(*pieces) if make is not None else pieces
+        A, B = A.to(x.dtype), B.to(x.dtype)
+        y, h = low_rank_forward(x, out, A, B, inverse, rank)
+        ctx.rank, ctx.make, ctx.inverse = rank, make, inverse
+        ctx.save_for_backward(x, h, *pieces)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x, h, *pieces = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        if ctx.make is None:
+            inputs = pieces
+            A, B = pieces
+        else:
+            with torch.enable_grad():
+                inputs = [p.detach().requires_grad_(need) for p, need in zip(pieces, needs[5:])]
+                A, B = ctx.make(*inputs)
+        grad_x, grad_A, grad_B = low_rank_backward(grad_y, x, h, A.to(x.dtype), B.to(x.dtype), ctx.inverse, ctx.rank,
+                                                   needs[0])
+        grad_A, grad_B = grad_A.to(A.dtype), grad_B.to(B.dtype)
+        if ctx.make is None:
+            grads = (grad_A, grad_B)
+        else:
+            # Through the rebuilt graph: into the pieces (returned below) and into any parameter that
+            # make reads directly, such as trainable norm affines (accumulated in place).
+            outputs = [(t, g) for t, g in ((A, grad_A), (B, grad_B)) if t.requires_grad]
+            if outputs:
+                torch.autograd.backward([t for t, _ in outputs], [g for _, g in outputs])
+            grads = tuple(p.grad if p.requires_grad else None for p in inputs)
+        return (grad_x, grad_y, None, None, None) + tuple(grads)
+
+
+def low_rank_forward(x, out, A, B, inverse, rank):
+    """(y, h / r) of add_low_rank."""
+    d_in, d_out = x.shape[-1], out.shape[-1]
+    if A.shape[0] == 1:
+        h = (x.reshape(-1, d_in) @ A[0]) / rank
+        return torch.addmm(out.reshape(-1, d_out), h, B[0]).view(out.shape), h
+    if inverse is not None:
+        A, B = A[inverse], B[inverse]
+    n = x.shape[0]
+    h = torch.bmm(x.reshape(n, -1, d_in), A) / rank
+    return torch.baddbmm(out.reshape(n, -1, d_out), h, B).view(out.shape), h
+
+
+def low_rank_backward(grad_y, x, h, A, B, inverse, rank, need_x: bool):
+    """(grad x, grad A [U, d_in, r], grad B [U, r, d_out]) of low_rank_forward, given h / r."""
+    d_in, d_out = x.shape[-1], grad_y.shape[-1]
+    # grad A is written in A's own memory layout: rows of A^T stored contiguously (the tensor types)
+    # or A itself (LoRA, Poly), so that what the factors were built from needs no copy of it.
+    rows_first = A.stride(-2) == 1 and A.stride(-1) != 1
+    if A.shape[0] == 1:
+        g = grad_y.reshape(-1, d_out)
+        x2 = x.reshape(-1, d_in)
+        grad_h = (g @ B[0].T) / rank
+        grad_B = (h.T @ g).unsqueeze(0)
+        grad_A = ((grad_h.T @ x2).T if rows_first else x2.T @ grad_h).unsqueeze(0)
+        grad_x = (grad_h @ A[0].T).view(x.shape) if need_x else None
+        return grad_x, grad_A, grad_B
+    n = x.shape[0]
+    Ag, Bg = (A[inverse], B[inverse]) if inverse is not None else (A, B)
+    g = grad_y.reshape(n, -1, d_out)
+    grad_h = torch.bmm(g, Bg.transpose(1, 2)) / rank
+    grad_B = torch.bmm(h.transpose(1, 2), g)
+    x3 = x.reshape(n, -1, d_in)
+    grad_A = torch.bmm(grad_h.transpose(1, 2), x3).transpose(1, 2) if rows_first else torch.bmm(x3.transpose(1, 2), grad_h)
+    grad_x = torch.bmm(grad_h, Ag.transpose(1, 2)).view(x.shape) if need_x else None
+    if inverse is not None:
+        grad_A = torch.zeros_like(A).index_add_(0, inverse, grad_A)
+        grad_B = torch.zeros_like(B).index_add_(0, inverse, grad_B)
+    return grad_x, grad_A, grad_B
 
 
 def add_low_rank(x: torch.Tensor, out: torch.Tensor, A: torch.Tensor, B: torch.Tensor,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..tensor_product import build_rows
+from ..tensor_product import build_rows, kron_chain, mix_kron_chain, row_factors
 from .tlora import TensorFactors
 
 
@@ -24,17 +24,15 @@ class TensorPolyILinear(TensorFactors):
         return torch.einsum("us,srd->udr", w, A_experts), torch.einsum("us,srd->urd", w, B_experts)
 
     @classmethod
-    def group_factors(cls, members, weights):
-        first = members[0]
-        w = weights[:, :, 0].to(first.leaves_A.dtype)  # [G, U, S]
-        out = []
-        for side, d in (("A", first.in_features), ("B", first.out_features)):
-            leaves, norms = cls.stacked(members, side, lead=1)
-            experts = build_rows(leaves.transpose(1, 2), d, norms, truncate=False)  # [G, S, r, d' >= d]
-            G, S, r, full = experts.shape
-            mixed = torch.bmm(w, experts.view(G, S, r * full)).view(G, -1, r, full)  # mix first, then cut
-            out.append(mixed)  # [G, U, r, d'], cut to d by build_group
-        return out[0], out[1]
+    def side_rows(cls, members, side, d, weights):
+        w = weights[:, :, 0].to(members[0].leaves_A.dtype).unbind(0)  # [U, S] per member
+        leaves, norms = cls.stacked(members, side, lead=1)  # [G, N, S, r, l]
+
+        def make(w, *factors):
+            return mix_kron_chain(w, list(factors), d)
+
+        per_member = cls.member_factors(len(members), row_factors(leaves.transpose(1, 2), d, norms))  # [S, r, len]
+        return [(make, (w[g], *f)) for g, f in enumerate(per_member)]
 
 
 class TensorPolyIILinear(TensorFactors):
@@ -51,14 +49,14 @@ class TensorPolyIILinear(TensorFactors):
         return A.transpose(1, 2), B
 
     @classmethod
-    def group_factors(cls, members, weights):
-        first = members[0]
+    def side_rows(cls, members, side, d, weights):
         G, U, N, S = weights.shape
-        w = weights.to(first.leaves_A.dtype).transpose(1, 2).reshape(G * N, U, S)
-        out = []
-        for side, d in (("A", first.in_features), ("B", first.out_features)):
-            leaves, norms = cls.stacked(members, side, lead=1)  # [G, N, S, r, l]
-            r, leaf = leaves.shape[-2:]
-            mixed = torch.bmm(w, leaves.reshape(G * N, S, r * leaf)).view(G, N, U, r, leaf)
-            out.append(build_rows(mixed.transpose(1, 2), d, norms, truncate=False))  # [G, U, r, d']
-        return out[0], out[1]
+        w = weights.to(members[0].leaves_A.dtype).transpose(1, 2).reshape(G * N, U, S)
+        leaves, norms = cls.stacked(members, side, lead=1)  # [G, N, S, r, l]
+        r, leaf = leaves.shape[-2:]
+        mixed = torch.bmm(w, leaves.reshape(G * N, S, r * leaf)).view(G, N, U, r, leaf).transpose(1, 2)
+
+        def make(*factors):
+            return kron_chain(list(factors), d)
+
+        return [(make, f) for f in cls.member_factors(len(members), row_factors(mixed, d, norms))]  # [U, r, len]

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig
-from ..tensor_product import StackedNorms, build_rows, leaf_length, make_pair_norms, norm_signature
-from .base import AdapterLinear, paper_uniform_
+from ..tensor_product import (StackedNorms, build_rows, kron_chain, leaf_length, make_pair_norms,
+                              norm_signature, row_factors)
+from .base import AdapterLinear, Factors, paper_uniform_
 
 
 class TensorFactors(AdapterLinear):
@@ -68,6 +69,40 @@ class TensorFactors(AdapterLinear):
             norms = StackedNorms([getattr(m, f"norms_{side}") for m in members], lead)
         return leaves, norms
 
+    @classmethod
+    def build_group(cls, members, weights):
+        """Per member, a function that returns its factors (A [U, d_in, r], B [U, r, d_out]).
+
+        Built for the whole group at once: routing, mixed leaves (TensorPoly-II) and the normalised
+        leaf pairs (for order 4, l^2 ~ sqrt(d) entries a row). Left to each member's own forward: the
+        final product of its pairs (and TensorPoly-I's mixing), the only step as large as the factors.
+        """
+        first = members[0]
+        A = cls.side_rows(members, "A", first.in_features, weights)
+        B = cls.side_rows(members, "B", first.out_features, weights)
+        return [Factors(both_sides(make_A, len(pieces_A), make_B), (*pieces_A, *pieces_B))
+                for (make_A, pieces_A), (make_B, pieces_B) in zip(A, B)]
+
+    @classmethod
+    def side_rows(cls, members, side: str, d: int, weights) -> list[tuple]:
+        """Per member (make, pieces): make(*pieces) -> its rows [U, r, d] of one factor side. Every
+        tensor that make uses and that needs a gradient is a piece or a parameter of the member."""
+        raise NotImplementedError
+
+    @staticmethod
+    def member_factors(n_members: int, factors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Group-stacked factors [G, ...] -> each member's list of factors."""
+        per_factor = [f.unbind(0) for f in factors]
+        return [tuple(f[g] for f in per_factor) for g in range(n_members)]
+
+
+def both_sides(make_A, n_A: int, make_B):
+    """make(*pieces) -> (A [U, d_in, r], B [U, r, d_out]) from the two sides' row makers."""
+    def make(*pieces):
+        return make_A(*pieces[:n_A]).transpose(-1, -2), make_B(*pieces[n_A:])
+    return make
+
+
 
 class TLoRALinear(TensorFactors):
     def factors(self, weights):
@@ -76,10 +111,10 @@ class TLoRALinear(TensorFactors):
         return A.T.unsqueeze(0), B.unsqueeze(0)
 
     @classmethod
-    def group_factors(cls, members, weights):
-        first = members[0]
-        leaves_A, norms_A = cls.stacked(members, "A", lead=0)
-        leaves_B, norms_B = cls.stacked(members, "B", lead=0)
-        A = build_rows(leaves_A, first.in_features, norms_A, truncate=False)  # [G, r, d_in']
-        B = build_rows(leaves_B, first.out_features, norms_B, truncate=False)  # [G, r, d_out']
-        return A.unsqueeze(1), B.unsqueeze(1)
+    def side_rows(cls, members, side, d, weights):
+        leaves, norms = cls.stacked(members, side, lead=0)  # [G, N, r, l]
+
+        def make(*factors):
+            return kron_chain(list(factors), d).unsqueeze(0)
+
+        return [(make, f) for f in cls.member_factors(len(members), row_factors(leaves, d, norms))]
