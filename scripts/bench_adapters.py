@@ -67,6 +67,7 @@ class Variant:
     label: str
     kind: str  # floor | peft_lora | peft_poly | ours | literal
     fields: dict = field(default_factory=dict)
+    recompute: bool = False  # TaskRouting.recompute_factors: factors rebuilt in the backward pass
 
     @property
     def settings(self) -> str:
@@ -97,6 +98,9 @@ def variants(mhr_heads: int) -> list[Variant]:
     for kind, label in (("tensorpoly1", "TensorPoly-I"), ("tensorpoly2", "TensorPoly-II")):
         for order in (2, 4):
             rows.append(Variant(f"{kind}_n{order}", label, "ours", dict(module_type=kind, order=order, **tp)))
+    for kind, label in (("tensorpoly1", "TensorPoly-I"), ("tensorpoly2", "TensorPoly-II")):
+        rows.append(Variant(f"{kind}_n4_recompute", f"{label}, recompute_factors", "ours",
+                            dict(module_type=kind, order=4, **tp), recompute=True))
     for kind, label in (("tensorpoly1", "TensorPoly-I"), ("tensorpoly2", "TensorPoly-II")):
         for order in (2, 4):
             rows.append(Variant(f"literal_{kind}_n{order}", f"{label}, literal per-example", "literal",
@@ -165,6 +169,7 @@ def build(variant: Variant, config, preset: dict, tasks: list[str], seed: int):
     model = TensorPolyModel(backbone, AdapterConfig(task_names=tasks if routed else [], **fields))
     if variant.kind == "literal":
         per_example(model)
+    model.task_routing.recompute_factors = variant.recompute
     ids_key = "task_ids" if routed else None
     return model, lambda b: model(input_ids=b["input_ids"], labels=b["labels"],
                                   task_ids=b[ids_key] if ids_key else None).loss
@@ -191,6 +196,7 @@ class Runner:
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4) if self.params else None
         self.train_ms: list[float] = []
         self.eval_ms: list[float] = []
+        self.cpu_ms: dict[int, list[float]] = {}  # CPU time of this thread, by id of the wall-clock list
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -211,11 +217,12 @@ class Runner:
 
     def timed(self, fn, into: list | None) -> None:
         self.sync()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         fn()
         self.sync()
         if into is not None:
             into.append((time.perf_counter() - start) * 1000)
+            self.cpu_ms.setdefault(id(into), []).append((time.thread_time() - cpu) * 1000)
 
     def persistent_bytes(self) -> int:
         tensors = list(self.model.parameters()) + list(self.model.buffers())
@@ -302,7 +309,11 @@ def summarise(runners: list[Runner], memory: dict, counts: dict) -> list[dict]:
         train, evaluation = median(r.train_ms), median(r.eval_ms)
         row = dict(name=v.name, label=v.label, settings=v.settings, kind=v.kind, trainable_params=counts[v.name],
                    train_ms=train, eval_ms=evaluation, peak_mib=memory[v.name] / 2**20,
-                   train_ms_all=r.train_ms, eval_ms_all=r.eval_ms)
+                   train_ms_all=r.train_ms, eval_ms_all=r.eval_ms,
+                   train_cpu_ms_all=r.cpu_ms.get(id(r.train_ms), []), eval_cpu_ms_all=r.cpu_ms.get(id(r.eval_ms), []))
+        row["train_cpu_ms"] = median(row["train_cpu_ms_all"])
+        ref_cpu = median(ref.cpu_ms.get(id(ref.train_ms), [])) if ref else None
+        row["train_cpu_x_lora"] = row["train_cpu_ms"] / ref_cpu if ref_cpu and row["train_cpu_ms"] else None
         row["train_x_lora"] = train / ref_train if ref_train else None
         row["eval_x_lora"] = evaluation / ref_eval if ref_eval else None
         row["peak_x_lora"] = memory[v.name] / memory["lora_r16"] if "lora_r16" in memory else None

@@ -84,21 +84,17 @@ class AdapterLinear(nn.Module):
 
     @classmethod
     def group_factors(cls, members: list["AdapterLinear"], weights: torch.Tensor | None):
-        """The factors of G members of one group, as rows: (A^T [G, U, r, >= d_in], B [G, U, r, >= d_out]),
-        for routing weights [G, U, splits, S] (None if dense: U = 1). Rows may run past d (the
-        tensor types leave the final cut to split_group). Subclasses batch it; this default loops."""
+        """(A [G, U, d_in, r], B [G, U, r, d_out]) of G members of one group, for routing weights
+        [G, U, splits, S] (None if dense: U = 1). Subclasses batch it; this default loops."""
         pairs = [m.factors(None if weights is None else weights[g]) for g, m in enumerate(members)]
-        return torch.stack([a for a, _ in pairs]).transpose(-1, -2), torch.stack([b for _, b in pairs])
+        return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
 
     @classmethod
     def build_group(cls, members: list["AdapterLinear"], weights: torch.Tensor | None) -> list["Factors"]:
-        """Per member, how to get its factors; here all of them come from one batched group_factors
-        call (the tensor types override this and leave the large final products to each member)."""
-        first = members[0]
-        A_rows, B = cls.group_factors(members, weights)
-        As = CutAndSplit.apply(A_rows, first.in_features)
-        Bs = CutAndSplit.apply(B, first.out_features)
-        return [Factors(transpose_first, (a, b)) for a, b in zip(As, Bs)]
+        """Per member, its Factors; here all of them from one batched group_factors call (the tensor
+        types override this and leave the large final products to each member)."""
+        A, B = cls.group_factors(members, weights)
+        return [Factors(factor_pair, pair) for pair in zip(A.unbind(0), B.unbind(0))]
 
     # ---- forward ------------------------------------------------------------------------------
     def _task_factors(self, n_rows: int):
@@ -136,27 +132,6 @@ class AdapterLinear(nn.Module):
         return (A[0] @ B[0]).T / self.rank
 
 
-class CutAndSplit(torch.autograd.Function):
-    """x [G, ..., d'] -> the G views x[g, ..., :d]. Its backward writes the members' gradients
-    into one buffer, where slicing and unbinding would each make a full copy."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, d: int):
-        ctx.layout = (x.shape, x.stride(), x.dtype, x.device, d)
-        return tuple(x[g, ..., :d] for g in range(x.shape[0]))
-
-    @staticmethod
-    def backward(ctx, *grads):
-        shape, stride, dtype, device, d = ctx.layout
-        grad = torch.empty_strided(shape, stride, dtype=dtype, device=device)
-        if d < shape[-1] or any(member is None for member in grads):
-            grad.zero_()  # one contiguous fill is cheaper than zeroing the strided tails
-        for g, member in enumerate(grads):
-            if member is not None:
-                grad[g, ..., :d].copy_(member)
-        return grad, None
-
-
 class Factors:
     """A layer's factors as `make(*pieces)` -> (A [U, d_in, r], B [U, r, d_out]): the pieces are what the
     group built for it (small tensors, or the factors themselves), make finishes them."""
@@ -170,8 +145,8 @@ class Factors:
         return self.make(*self.pieces)
 
 
-def transpose_first(A_rows: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return A_rows.transpose(-1, -2), B
+def factor_pair(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return A, B
 
 
 class TaskLowRank(torch.autograd.Function):

@@ -61,4 +61,4 @@ class PolyLinear(AdapterLinear):
         lora_B = torch.stack([m.lora_B for m in members]).view(G * q, S, -1)  # [G q, S, r d_out/q]
         A = torch.bmm(w, lora_A).view(G, q, U, d_in // q, r).transpose(1, 2).reshape(G, U, d_in, r)
         B = torch.bmm(w, lora_B).view(G, q, U, r, d_out // q).permute(0, 2, 3, 1, 4).reshape(G, U, r, d_out)
-        return A.transpose(-1, -2), B
+        return A, B
