@@ -7,14 +7,7 @@ import torch
 
 from conftest import adapted, batch
 from tensorpoly.task_routing import FactorGroup
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_per_example import one_thread  # noqa: F401  (autouse: these tests on one thread too)
 
 
 @pytest.fixture

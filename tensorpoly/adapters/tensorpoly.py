@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..tensor_product import build_rows, kron_chain, mix_kron_chain, row_factors
-from .tlora import TensorFactors
+from .tlora import GROUP_PAIRS_FROM_ORDER, TensorFactors
 
 
 class TensorPolyILinear(TensorFactors):
@@ -26,10 +26,16 @@ class TensorPolyILinear(TensorFactors):
     @classmethod
     def side_rows(cls, members, side, d, weights):
         w = weights[:, :, 0].to(members[0].leaves_A.dtype).unbind(0)  # [U, S] per member
-        leaves, norms = cls.stacked(members, side, lead=1)  # [G, N, S, r, l]
 
         def make(w, *factors):
             return mix_kron_chain(w, list(factors), d)
+
+        if members[0].order < GROUP_PAIRS_FROM_ORDER:
+            def make_own(w, leaves, norms):  # leaves [N, S, r, l]
+                return make(w, *row_factors(leaves.transpose(0, 1), d, norms))
+            return [(lambda w, leaves, norms=getattr(m, f"norms_{side}"): make_own(w, leaves, norms),
+                     (w[g], getattr(m, f"leaves_{side}"))) for g, m in enumerate(members)]
+        leaves, norms = cls.stacked(members, side, lead=1)  # [G, N, S, r, l]
 
         per_member = cls.member_factors(len(members), row_factors(leaves.transpose(1, 2), d, norms))  # [S, r, len]
         return [(make, (w[g], *f)) for g, f in enumerate(per_member)]
@@ -55,6 +61,9 @@ class TensorPolyIILinear(TensorFactors):
         leaves, norms = cls.stacked(members, side, lead=1)  # [G, N, S, r, l]
         r, leaf = leaves.shape[-2:]
         mixed = torch.bmm(w, leaves.reshape(G * N, S, r * leaf)).view(G, N, U, r, leaf).transpose(1, 2)
+        if members[0].order < GROUP_PAIRS_FROM_ORDER:
+            return [(lambda x, norms=getattr(m, f"norms_{side}"): build_rows(x, d, norms), (x,))
+                    for m, x in zip(members, mixed.unbind(0))]
 
         def make(*factors):
             return kron_chain(list(factors), d)

@@ -73,9 +73,10 @@ class TensorFactors(AdapterLinear):
     def build_group(cls, members, weights):
         """Per member, a function that returns its factors (A [U, d_in, r], B [U, r, d_out]).
 
-        Built for the whole group at once: routing, mixed leaves (TensorPoly-II) and the normalised
-        leaf pairs (for order 4, l^2 ~ sqrt(d) entries a row). Left to each member's own forward: the
-        final product of its pairs (and TensorPoly-I's mixing), the only step as large as the factors.
+        Built for the whole group at once: routing, mixed leaves (TensorPoly-II) and, from order 3
+        on, the normalised leaf pairs (order 4: l^2 ~ sqrt(d) entries a row). Left to each member's
+        own forward: what is as large as the factors, the final product (and TensorPoly-I's
+        mixing); for orders 1 and 2 the pair is the row itself, so the member builds it all.
         """
         first = members[0]
         A = cls.side_rows(members, "A", first.in_features, weights)
@@ -96,6 +97,17 @@ class TensorFactors(AdapterLinear):
         return [tuple(f[g] for f in per_factor) for g in range(n_members)]
 
 
+# From this order on a leaf pair (l^2 entries, l = d^(1/N)) is much shorter than a row, and the
+# pairs of a whole group are built in one go; below it the pair is the row.
+GROUP_PAIRS_FROM_ORDER = 3
+
+
+def own_rows(member, side: str, d: int):
+    """make(leaves) -> rows [1, r, d] with the member's own norms (orders below GROUP_PAIRS_FROM_ORDER)."""
+    norms = getattr(member, f"norms_{side}")
+    return lambda leaves: build_rows(leaves, d, norms).unsqueeze(0)
+
+
 def both_sides(make_A, n_A: int, make_B):
     """make(*pieces) -> (A [U, d_in, r], B [U, r, d_out]) from the two sides' row makers."""
     def make(*pieces):
@@ -112,6 +124,8 @@ class TLoRALinear(TensorFactors):
 
     @classmethod
     def side_rows(cls, members, side, d, weights):
+        if members[0].order < GROUP_PAIRS_FROM_ORDER:
+            return [(own_rows(m, side, d), (getattr(m, f"leaves_{side}"),)) for m in members]
         leaves, norms = cls.stacked(members, side, lead=0)  # [G, N, r, l]
 
         def make(*factors):
