@@ -48,7 +48,7 @@ PRESETS = {
     # A small T5 v1.1 layout (t5-small-lm-adapt shapes) with a byte-sized vocabulary.
     "cpu": dict(backbone="t5_small_lm_adapt", config=dict(vocab_size=384), batch=8, distinct=8,
                 input_len=64, target_len=16, dtype="float32", device="cpu", n_tasks=313,
-                mhr_heads=64, warmup=2, steps=5, interleave=True, threads=1),
+                mhr_heads=64, warmup=2, steps=7, interleave=True, threads=1),
     # T5-XL / T0-3B shapes, the paper's setting; random weights built from the config.
     "gpu": dict(backbone="t5_xl_lm_adapt", config={}, batch=16, distinct=8, input_len=256, target_len=64,
                 dtype="bfloat16", device="cuda", n_tasks=313, mhr_heads=64, warmup=3, steps=10,
