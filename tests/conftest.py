@@ -11,6 +11,9 @@ from transformers import T5Config, T5ForConditionalGeneration  # noqa: E402
 
 from tensorpoly import AdapterConfig, TensorPolyModel  # noqa: E402
 
+# Tiny float64 ops: one thread is as fast, and two OpenMP threads on a busy 2-core box can be 100x slower.
+torch.set_num_threads(1)
+
 TASKS = ["t0", "t1", "t2", "t3"]
 VOCAB = 50
 
