@@ -34,6 +34,7 @@ def test_finetune_trains_a_fresh_row_per_task_and_seed(tmp_path, trained, traina
     out = run_finetune(cfg)
     record = json.loads(Path(out["result"]).read_text())
     assert set(record["heldout"]) == {"who_liked", "longer_list"}
+    assert record["train_config"]["model"]["module_type"] == "poly"  # a plain dict, readable by make_tables
     assert all(set(runs) == {"42", "0"} and all(r["n_shots"] == 32 for r in runs.values()) for runs in record["heldout"].values())
     base = load_file(str(Path(trained["run_dir"]) / "adapter" / "adapter_model.safetensors"))
     tuned = load_file(str(tmp_path / "outputs" / "finetune" / trainable / "adapters" / "who_liked" / "seed42" / "adapter_model.safetensors"))

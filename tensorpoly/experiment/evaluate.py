@@ -3,6 +3,8 @@ router (uniform 1/S over experts, the paper) serves the unseen tasks; dense adap
 from __future__ import annotations
 
 import logging
+from omegaconf import OmegaConf
+
 from ..checkpoint import load_adapter
 from .data import check_available, heldout_tasks
 from .evaluation import evaluate_heldout
@@ -27,7 +29,7 @@ def run_evaluation(cfg) -> dict:
     path = write_result(cfg.results_dir, "eval", f"{run_cfg.data.name}-{run_cfg.backbone.name}-{method}-"
                         f"{run_cfg.routing.granularity}-seed{run_cfg.seed}", cfg, method=method,
                         metrics={"zero_shot_average": heldout["average"], "chance": heldout["chance"]},
-                        heldout=heldout["tasks"], checkpoint=str(adapter_dir), train_config=dict(run_cfg),
+                        heldout=heldout["tasks"], checkpoint=str(adapter_dir), train_config=OmegaConf.to_container(run_cfg, resolve=True),
                         params=model.parameter_counts())
     log.info("zero-shot held-out accuracy %.3f (chance %.3f); result %s", heldout["average"], heldout["chance"], path)
     return {"result": str(path), "zero_shot_average": heldout["average"], "chance": heldout["chance"],

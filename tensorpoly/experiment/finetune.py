@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from omegaconf import OmegaConf
+
 from ..checkpoint import load_adapter, restore_weights, save_adapter
 from ..config import ConfigError
 from .data import check_available, few_shot_examples, heldout_tasks, tokenize
@@ -96,7 +98,7 @@ def run_finetune(cfg) -> dict:
                "seeds": [int(s) for s in cfg.finetune.seeds]}
     path = write_result(cfg.results_dir, "finetune", f"{run_cfg.data.name}-{run_cfg.backbone.name}-{method}-"
                         f"{run_cfg.routing.granularity}-seed{run_cfg.seed}", cfg, method=method, metrics=metrics,
-                        heldout=per_task, checkpoint=str(adapter_dir), train_config=dict(run_cfg),
+                        heldout=per_task, checkpoint=str(adapter_dir), train_config=OmegaConf.to_container(run_cfg, resolve=True),
                         params=model.parameter_counts(), run_dir=str(run_dir))
     tracker.summary({"few_shot/average": average, **{f"few_shot/{t}": v for t, v in means.items()}})
     tracker.finish()
