@@ -35,7 +35,8 @@ def main() -> None:
                                "frozen LayerNorm affines excluded"))
     for data, backbone in sorted({(g.data, g.backbone) for g in groups}):
         seen = {}
-        for g in groups:
+        # Training runs' counts: fine-tuned models hold one routing row per task, not the mixture's table.
+        for g in sorted(groups, key=lambda g: g.kind != "zero-shot"):
             if (g.data, g.backbone) == (data, backbone) and g.params and g.label not in seen:
                 seen[g.label] = g.params
         if seen:
