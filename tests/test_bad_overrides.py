@@ -32,6 +32,7 @@ def _in_tmp(tmp_path, monkeypatch):
     (["train.optimizer=sgd"], ConfigError, "train.optimizer='sgd'"),
     (["train.steps=0"], ConfigError, "train.steps=0"),
     (["train.warmup=1.5"], ConfigError, "train.warmup=1.5"),
+    (["train.leaf_lr=-1e-3"], ConfigError, "train.leaf_lr=-0.001"),
     (["train.precision=fp8"], ConfigError, "fp8"),
     (["data=t0"], DataError, "make data"),
     (["data.heldout=[rte]"], DataError, "unknown held-out task"),

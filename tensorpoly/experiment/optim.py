@@ -1,5 +1,10 @@
-"""Optimizer groups (adapters, norm affines, routers at their own learning rates), the optimizer
-(AdamW or Adafactor as the paper ran it) and the linear warm-up / linear decay schedule."""
+"""Optimizer groups (LoRA factors, TLoRA leaves, norm affines, routers at their own learning rates), the
+optimizer (AdamW or Adafactor as the paper ran it) and the linear warm-up / linear decay schedule.
+
+Leaves get their own rate because the LayerNorm after each leaf product makes them scale-sensitive: once
+a leaf product's variance passes the LN epsilon the factor rows jump to unit scale, so a step size that
+suits LoRA factors throws the adapter output far past the frozen layer's own (the paper code, too, ran
+leaves at 3e-4 and LoRA factors at 1e-3)."""
 from __future__ import annotations
 
 import torch
@@ -16,9 +21,13 @@ def param_groups(model, recipe, train_adapters: bool = True) -> list[dict]:
     if not train_adapters:
         for p in roles["adapter"] + roles["norm"]:
             p.requires_grad_(False)
-    lrs = {"adapter": recipe.lr, "norm": recipe.norm_lr, "router": recipe.router_lr}
+    leaves = {id(p) for name, p in model.named_parameters() if name.rsplit(".", 1)[-1].startswith("leaves_")}
+    roles["leaf"] = [p for p in roles["adapter"] if id(p) in leaves]
+    roles["adapter"] = [p for p in roles["adapter"] if id(p) not in leaves]
+    lrs = {"adapter": recipe.lr, "leaf": recipe.get("leaf_lr", recipe.lr), "norm": recipe.norm_lr,
+           "router": recipe.router_lr}
     groups = []
-    for role in ("adapter", "norm", "router"):
+    for role in ("adapter", "leaf", "norm", "router"):
         params = [p for p in roles[role] if p.requires_grad]
         if params:
             groups.append({"name": role, "params": params, "lr": float(lrs[role])})

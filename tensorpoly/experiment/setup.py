@@ -69,6 +69,7 @@ def check_recipe(recipe, where: str) -> None:
     need(int(recipe.grad_accum) >= 1, "grad_accum", "must be >= 1")
     need(0 <= float(recipe.warmup) < 1, "warmup", "is a fraction of the steps, in [0, 1)")
     need(float(recipe.lr) > 0 and float(recipe.router_lr) > 0, "lr", "learning rates must be > 0")
+    need(float(recipe.get("leaf_lr", recipe.lr)) > 0, "leaf_lr", "learning rates must be > 0")
     mixed_precision(recipe.precision)
 
 

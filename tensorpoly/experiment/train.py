@@ -58,11 +58,15 @@ def _choose_run_dir(cfg, fp: str) -> tuple[Path, bool]:
 
 @torch.no_grad()
 def validation_loss(model, features, pad_id, batch_size, n_batches, device) -> float:
+    """Mean LM loss over batch_size * n_batches validation examples spread evenly over the whole split
+    (the split is ordered by task: its head would measure only the first tasks)."""
     collate, losses = Collator(pad_id), []
+    n = min(len(features), batch_size * n_batches)
+    subset = [features[i * len(features) // n] for i in range(n)]
     was_training = model.training
     model.eval()
-    for i in range(0, min(len(features), batch_size * n_batches), batch_size):
-        batch = {k: v.to(device) for k, v in collate(features[i: i + batch_size]).items()}
+    for i in range(0, n, batch_size):
+        batch = {k: v.to(device) for k, v in collate(subset[i: i + batch_size]).items()}
         losses.append(lm_loss(model, batch).item())
     model.train(was_training)
     return sum(losses) / max(len(losses), 1)
