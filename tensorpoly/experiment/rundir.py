@@ -102,7 +102,8 @@ def training_roots() -> tuple[Path, Path]:
 
 
 def find_checkpoint(spec: str) -> Path:
-    """A finished run's adapter dir from `checkpoint=`: "latest", a run dir, or an adapter dir."""
+    """An adapter dir from `checkpoint=`: "latest" (newest finished run), a run dir, an adapter dir, or an
+    intermediate checkpoint (<run>/checkpoints/step_N)."""
     if spec == "latest":
         for run in _runs(*training_roots()):
             if read_state(run).get("status") == "finished" and (run / "adapter").is_dir():
@@ -115,12 +116,15 @@ def find_checkpoint(spec: str) -> Path:
     if (path / "adapter_config.json").is_file():
         return path
     raise ConfigError(f"checkpoint={spec}: neither an adapter dir (adapter_config.json) nor a training run "
-                      f"dir (adapter/); pass outputs/train/<run> or checkpoint=latest")
+                      f"dir (adapter/); pass outputs/train/<run>, outputs/train/<run>/checkpoints/step_N "
+                      f"or checkpoint=latest")
 
 
 def run_config_of(adapter_dir: Path) -> DictConfig:
-    """The training run config stored beside an adapter (adapter/run_config.yaml)."""
-    for candidate in (adapter_dir / CONFIG_FILE, adapter_dir.parent / CONFIG_FILE):
+    """The training run config stored beside an adapter (adapter/run_config.yaml), or in the run dir of an
+    intermediate checkpoint (<run>/checkpoints/step_N)."""
+    for candidate in (adapter_dir / CONFIG_FILE, adapter_dir.parent / CONFIG_FILE,
+                      adapter_dir.parent.parent / CONFIG_FILE):
         if candidate.is_file():
             return OmegaConf.load(candidate)
     raise ConfigError(f"{adapter_dir}: no {CONFIG_FILE} beside the adapter, so its backbone and data are unknown; "
