@@ -36,6 +36,7 @@ def _in_tmp(tmp_path, monkeypatch):
     (["train.precision=fp8"], ConfigError, "fp8"),
     (["data=t0"], DataError, "make data"),
     (["data.heldout=[rte]"], DataError, "unknown held-out task"),
+    (["data.datasets=[topic,reviews]"], DataError, r"unknown training dataset.*reviews"),
     (["logger=wandb_online"], ConfigError, "WANDB_API_KEY"),
 ])
 def test_bad_training_overrides_fail_fast_and_write_nothing(tmp_path, overrides, error, message):

@@ -59,3 +59,12 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
 def test_resume_true_without_an_unfinished_run_says_so(tmp_path):
     with pytest.raises(ValueError, match="resume=true: no unfinished run with this config"):
         run_training(quick_train_cfg(tmp_path, "nothing", "resume=true"))
+
+
+def test_a_sub_mixture_routes_and_trains_only_its_datasets(tmp_path):
+    cfg = quick_train_cfg(tmp_path, "sub", "model=poly", "data.datasets=[topic,count]", "train.steps=2")
+    out = run_training(cfg)
+    adapter_config = json.loads((Path(out["run_dir"]) / "adapter" / "adapter_config.json").read_text())
+    tasks = adapter_config["adapter_config"]["task_names"]
+    assert tasks == sorted(tasks) and {t.split("/")[0] for t in tasks} == {"topic", "count"}
+    assert len(tasks) == 7  # 4 topic + 3 count templates (data/README.md)

@@ -5,7 +5,7 @@ command that supplies it.
 """
 from __future__ import annotations
 
-from ..data import DataError, Example, TokenizeConfig, encode, load_registry
+from ..data import DataError, Example, TokenizeConfig, encode, list_tasks, load_registry
 from ..data import benchmark as B
 from ..data.mixture import Mixture
 
@@ -45,13 +45,37 @@ def heldout_tasks(data_cfg, chosen="all") -> list[str]:
     return wanted
 
 
+def training_tasks(data_cfg) -> list[str]:
+    """The routed training tasks: every task of the mixture, or those of `data.datasets` (a list of dataset
+    names: a sub-mixture, for ablations and for checking one skill at a time)."""
+    tasks = list_tasks(data_cfg.task_level, source=data_cfg.source)
+    chosen = data_cfg.get("datasets", "all")
+    if chosen in (None, "all"):
+        return tasks
+    chosen = [chosen] if isinstance(chosen, str) else list(chosen)
+    known = sorted({t.split("/", 1)[0] for t in tasks})
+    unknown = [d for d in chosen if d not in known]
+    if unknown or not chosen:
+        raise DataError(f"data.datasets={chosen}: unknown training dataset(s) {unknown} for data={data_cfg.name}; "
+                        f"choose from {known} or `all`")
+    return [t for t in tasks if t.split("/", 1)[0] in chosen]
+
+
 def training_mixture(data_cfg, seed: int) -> Mixture:
     kw = dict(task_level=data_cfg.task_level, n_train=int(data_cfg.n_train), n_val=int(data_cfg.n_val), seed=seed)
     if data_cfg.source == "benchmark":
-        return B.train_mixture(**kw)
-    from ..data.t0 import t0_mixture
+        mixture = B.train_mixture(**kw)
+    else:
+        from ..data.t0 import t0_mixture
 
-    return t0_mixture(**kw)
+        mixture = t0_mixture(**kw)
+    tasks = training_tasks(data_cfg)
+    if tasks == mixture.tasks:
+        return mixture
+    keep = set(tasks)
+    return Mixture(train=[e for e in mixture.train if e.task in keep],
+                   validation=[e for e in mixture.validation if e.task in keep], tasks=tasks,
+                   skipped={t: n for t, n in mixture.skipped.items() if t in keep})
 
 
 def eval_examples(data_cfg, task: str, protocol: str, seed: int) -> list[Example]:

@@ -8,9 +8,8 @@ from omegaconf import OmegaConf
 from transformers import AutoTokenizer, ByT5Tokenizer, T5Config, T5ForConditionalGeneration
 
 from ..config import ROUTED_TYPES, AdapterConfig, ConfigError
-from ..data import list_tasks
 from ..model import TensorPolyModel, check_config
-from .data import check_available, heldout_tasks
+from .data import check_available, heldout_tasks, training_tasks
 from .optim import OPTIMIZERS
 from .rundir import repo_path
 from .runtime import mixed_precision
@@ -53,10 +52,6 @@ def adapter_config(cfg, task_names: list[str]) -> AdapterConfig:
     if fields.get("module_type") in ROUTED_TYPES:
         fields["task_names"] = list(task_names)
     return AdapterConfig(**fields)
-
-
-def training_tasks(data_cfg) -> list[str]:
-    return list_tasks(data_cfg.task_level, source=data_cfg.source)
 
 
 def check_recipe(recipe, where: str) -> None:
