@@ -47,6 +47,9 @@ def test_experiment_files_state_what_they_reproduce():
         assert text.startswith("# @package _global_") and "Reproduces:" in text, path.name
 
 
-def test_poly_experiments_pin_the_paper_lora_learning_rate():
-    assert compose_cfg("train", ["experiment=t0_3b_poly"]).train.lr == pytest.approx(1e-3)
-    assert compose_cfg("train", ["experiment=t0_3b_tensorpoly1"]).train.lr == pytest.approx(3e-4)
+@pytest.mark.parametrize("experiment", ["t0_3b_lora", "t0_3b_poly", "t0_3b_mhr", "t0_3b_tlora", "t0_3b_tensorpoly1",
+                                        "t0_3b_tensorpoly2"])
+def test_paper_experiments_train_lora_factors_at_1e3_and_leaves_at_3e4(experiment):
+    """What the paper code did: *lora* parameters at adapters_learning_rate 1e-3, leaves at learning_rate 3e-4."""
+    train = compose_cfg("train", [f"experiment={experiment}"]).train
+    assert (train.lr, train.leaf_lr, train.router_lr) == pytest.approx((1e-3, 3e-4, 0.1))
