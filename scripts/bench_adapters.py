@@ -22,7 +22,8 @@ state, activations, everything allocated). CPU: the same quantity, computed as t
 model's parameters, buffers and optimizer state plus the peak, over one training step, of the
 bytes allocated by torch above the step's start (from the profiler's allocation events).
 
-Writes <out>/<preset>.json and <out>/<preset>.md (hardware and versions included).
+Writes <out>/<preset>.json and <out>/<preset>.md (hardware and versions included); with --profile K
+also <out>/<preset>_profile.md (one profiled training step per variant, top K ops by self CPU).
 """
 from __future__ import annotations
 
@@ -268,6 +269,40 @@ def cpu_step_peak(fn) -> int:
     return max(total for _, _, total in allocations) - start
 
 
+def profile_table(runners: list[Runner], top: int) -> str:
+    """Per variant, one profiled training step: operator events, autograd nodes, minor page faults of
+    the process, and the `top` operators by self CPU time (markdown). Where the time above LoRA goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        import resource
+
+        def faults() -> int:
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    except ImportError:  # not on Unix
+        def faults() -> int:
+            return 0
+    lines = []
+    for runner in runners:
+        gc.collect()
+        start = faults()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            runner.train_step()
+        faulted = faults() - start
+        events = prof.key_averages()
+        ops = sum(e.count for e in events if e.key.startswith("aten::"))
+        nodes = sum(e.count for e in events if e.key.startswith("autograd::engine::evaluate_function"))
+        total = sum(e.self_cpu_time_total for e in events) / 1000
+        lines += [f"### {runner.variant.label} ({runner.variant.settings})", "",
+                  f"{ops:,} aten ops, {nodes:,} autograd nodes, {faulted:,} minor page faults, "
+                  f"{total:,.0f} ms self CPU (profiled, so slower than the timed steps).", "",
+                  "| op | calls | self CPU ms |", "|---|---:|---:|"]
+        for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]:
+            lines.append(f"| `{e.key}` | {e.count} | {e.self_cpu_time_total / 1000:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def hardware(device: torch.device) -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpu": platform.processor() or "?",
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
@@ -368,6 +403,9 @@ def main(argv=None) -> int:
                         help="build every model first and time them round-robin (CPU default)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (the cpu preset uses 1)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
+    parser.add_argument("--profile", type=int, default=0, metavar="K",
+                        help="also profile one training step per variant: op and autograd-node counts, page "
+                             "faults, top K ops by self CPU time, into <out>/<preset>_profile.md (interleaved runs)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     from tqdm.auto import tqdm
@@ -467,6 +505,11 @@ def main(argv=None) -> int:
     (args.out / f"{args.preset}.md").write_text(table)
     print(table)
     print(f"wrote {args.out / (args.preset + '.json')} and .md in {result['seconds']} s")
+    if args.profile and preset["interleave"]:
+        path = args.out / f"{args.preset}_profile.md"
+        path.write_text(f"One profiled training step per variant, preset `{args.preset}`.\n\n"
+                        + profile_table(runners, args.profile))
+        print(f"wrote {path}")
     return 0
 
 

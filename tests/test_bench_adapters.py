@@ -18,7 +18,7 @@ def test_bench_writes_json_and_markdown(tmp_path):
     threads = torch.get_num_threads()
     only = "peft_lora_r16,peft_poly,tensorpoly2_n4,literal_tensorpoly2_n4"
     try:
-        assert bench_adapters.main(["--preset", "tiny", "--out", str(tmp_path), "--only", only]) == 0
+        assert bench_adapters.main(["--preset", "tiny", "--out", str(tmp_path), "--only", only, "--profile", "3"]) == 0
     finally:
         torch.set_num_threads(threads)
     result = json.loads((tmp_path / "tiny.json").read_text())
@@ -36,3 +36,5 @@ def test_bench_writes_json_and_markdown(tmp_path):
     table = (tmp_path / "tiny.md").read_text()
     assert "| variant | settings | trainable | train step ms | × LoRA |" in table
     assert table.count("\n| ") == len(names) + 1  # header + one line per row (the separator starts with |-)
+    profile = (tmp_path / "tiny_profile.md").read_text()
+    assert profile.count("### ") == len(names) and "autograd nodes" in profile
