@@ -23,6 +23,9 @@ def _in_tmp(tmp_path, monkeypatch):
 @pytest.mark.parametrize("model", ALL_TYPES)
 def test_a_short_run_lowers_the_validation_loss_and_writes_a_complete_result(tmp_path, model):
     extra = ["model.n_splits=4"] if model == "mhr" else []
+    # 12 steps: leaves at the LoRA factors' rate move far enough to show; the recipe's 10x lower leaf_lr is
+    # for runs of hundreds of steps (configs/train/embedded.yaml).
+    extra += ["train.leaf_lr=${train.lr}"]
     cfg = quick_train_cfg(tmp_path, model, f"model={model}", "train.steps=12", "train.batch_size=8", *extra)
     out = run_training(cfg)
     record = json.loads(Path(out["result"]).read_text())
