@@ -250,6 +250,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--n-docs", type=int, default=12000)
+    p.add_argument("--probe-every", type=int, default=1000, help="steps between knowledge probes logged in the curve (0: only at the end)")
     p.add_argument("--threads", type=int, default=1, help="1 is robust when other jobs share the 2 cores (OpenMP oversubscription is 10x slower)")
     p.add_argument("--probe", type=Path, help="only run the knowledge probes on this backbone and add them to its log")
     a = p.parse_args(argv)
@@ -303,6 +304,10 @@ def main(argv=None) -> int:
         if (step + 1) % 200 == 0:
             bar.set_postfix(loss=f"{ema:.3f}")
             log.append({"step": step + 1, "loss_ema": round(ema, 4), "seconds": round(time.time() - t0, 1)})
+        if a.probe_every and (step + 1) % a.probe_every == 0 and step + 1 < a.steps:
+            # when does the backbone learn its world? (the probes cost about a second)
+            log.append({"step": step + 1, "probes": knowledge_probes(model, tok, a.seed)})
+            bar.write(f"step {step + 1}: {log[-1]['probes']}")
     train_time = time.time() - t0
     val_loss = evaluate(model, val_ids, a.seed, a, vocab)
     probes = knowledge_probes(model, tok, a.seed)
