@@ -85,12 +85,16 @@ def test_pretrain_script_writes_the_layout(tmp_path):
     with torch.random.fork_rng():  # the script seeds torch and sets its thread count: keep other tests unaffected
         try:
             rc = P.main(["--steps", "3", "--d-model", "32", "--d-ff", "64", "--layers", "1", "--heads", "2",
-                         "--n-docs", "200", "--batch-size", "4", "--out", str(out)])
+                         "--n-docs", "200", "--batch-size", "4", "--probe-every", "2", "--out", str(out)])
         finally:
             torch.set_num_threads(threads)
     assert rc == 0
     assert {"config.json", "model.safetensors", "pretrain_log.json"} <= {f.name for f in out.iterdir()}
     assert T5ForConditionalGeneration.from_pretrained(out).config.d_model == 32
+    rec = json.loads((out / "pretrain_log.json").read_text())
+    probed = [e for e in rec["curve"] if "probes" in e]  # along the curve at step 2, and at the end
+    assert [e["step"] for e in probed] == [2] and set(probed[0]["probes"]) == {"category", "polarity", "order"}
+    assert set(rec["knowledge_probes"]) == {"category", "polarity", "order"}
 
 
 @pytest.mark.slow
