@@ -250,6 +250,9 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--n-docs", type=int, default=12000)
+    p.add_argument("--sentence-kinds", type=int, nargs="+", metavar="K",
+                   help="ablation: pretrain only on these kinds of world sentence (0-11, see benchmark_gen._pretrain_sentence; "
+                        "category facts are 0 1 9 11); default all")
     p.add_argument("--probe-every", type=int, default=1000, help="steps between knowledge probes logged in the curve (0: only at the end)")
     p.add_argument("--threads", type=int, default=1, help="1 is robust when other jobs share the 2 cores (OpenMP oversubscription is 10x slower)")
     p.add_argument("--probe", type=Path, help="only run the knowledge probes on this backbone and add them to its log")
@@ -270,7 +273,7 @@ def main(argv=None) -> int:
 
     torch.manual_seed(a.seed)
     torch.set_num_threads(a.threads)
-    docs = pretraining_text(n_docs=a.n_docs)
+    docs = pretraining_text(n_docs=a.n_docs, kinds=tuple(a.sentence_kinds) if a.sentence_kinds else None)
     n_val = len(docs) // 20
     val_docs, train_docs = docs[:n_val], docs[n_val:]  # held-out pretraining docs for the final loss
     with tempfile.TemporaryDirectory() as spm_dir:

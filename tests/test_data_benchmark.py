@@ -105,6 +105,21 @@ def test_pretraining_text_is_disjoint_from_evaluation_data():
     assert all(victim not in d for d in docs)
 
 
+def test_pretraining_sentence_kinds_ablation():
+    """kinds=CATEGORY_KINDS keeps only the sentences that state categories; bad kinds are refused."""
+    import re
+
+    docs = G.pretraining_corpus(0, 200, kinds=G.CATEGORY_KINDS)
+    sentences = [x for d in docs for x in re.split(r"(?<=\.) ", d)]
+    category_words = "|".join(G.CATEGORIES)
+    assert len(sentences) > 600
+    assert all(re.search(rf"\b({category_words})s?\b", x, flags=re.I) for x in sentences)
+    full = [x for d in G.pretraining_corpus(0, 200) for x in re.split(r"(?<=\.) ", d)]
+    assert sum(not re.search(rf"\b({category_words})s?\b", x, flags=re.I) for x in full) > len(full) / 3
+    with pytest.raises(ValueError, match="subset of 0..11, got \\(3, 12\\)"):
+        G.pretraining_corpus(0, 5, kinds=(3, 12))
+
+
 def test_bad_names_and_files(tmp_path):
     with pytest.raises(DataError, match="unknown benchmark dataset 'nope'"):
         B.dataset_spec("nope")

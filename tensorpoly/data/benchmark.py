@@ -130,11 +130,12 @@ def all_heldout_rows(gen: dict) -> list[dict]:
     return [r for d in gen["heldout"].values() for split in d.values() for r in split]
 
 
-def pretraining_text(seed: int | None = None, n_docs: int = 30000, root: Path = BENCHMARK_DIR) -> list[str]:
+def pretraining_text(seed: int | None = None, n_docs: int = 30000, root: Path = BENCHMARK_DIR,
+                     kinds: tuple[int, ...] | None = None) -> list[str]:
     """The backbone's pretraining corpus: declarative world sentences, no prompts, and no string of
     any held-out example (checked, not assumed)."""
     gen = generate_all(seed, root)
-    return G.pretraining_corpus(gen["seed"], n_docs, forbidden_strings(all_heldout_rows(gen)))
+    return G.pretraining_corpus(gen["seed"], n_docs, forbidden_strings(all_heldout_rows(gen)), kinds)
 
 
 def _sha(path: Path) -> str:

@@ -206,9 +206,14 @@ def _plural(w: str) -> str:
     return w + "s"
 
 
-def _pretrain_sentence(r: random.Random) -> str:
-    """Declarative 'world knowledge' sentences: what the skills are made of, never a task prompt."""
-    kind = r.randrange(12)
+PRETRAIN_KINDS = 12
+CATEGORY_KINDS = (0, 1, 9, 11)  # the sentences that state an item's category
+
+
+def _pretrain_sentence(r: random.Random, kinds: tuple[int, ...] | None = None) -> str:
+    """Declarative 'world knowledge' sentences: what the skills are made of, never a task prompt.
+    ``kinds``: draw only these sentence kinds (ablations of the backbone's knowledge); None: all."""
+    kind = r.randrange(PRETRAIN_KINDS) if kinds is None else r.choice(kinds)
     it = r.choice(ALL_ITEMS)
     cat = CATEGORY_OF[it]
     nm = r.choice(NAMES)
@@ -254,11 +259,14 @@ def _pretrain_sentence(r: random.Random) -> str:
     return f"{_plural(it).capitalize()} are {cat}s, and {nm} likes to talk about {_plural(it)}."
 
 
-def pretraining_corpus(seed: int, n_docs: int, forbidden: list[str] = ()) -> list[str]:
+def pretraining_corpus(seed: int, n_docs: int, forbidden: list[str] = (), kinds: tuple[int, ...] | None = None) -> list[str]:
     """``n_docs`` paragraphs of 3-8 sentences. Any paragraph containing a ``forbidden`` string (the
     held-out evaluation texts) is dropped, so pretraining never sees evaluation data verbatim."""
     r = rng_for(seed, "pretrain")
-    docs = [" ".join(_pretrain_sentence(r) for _ in range(r.randint(3, 8))) for _ in range(n_docs)]
+    bad_kinds = [k for k in kinds or () if not 0 <= k < PRETRAIN_KINDS]
+    if bad_kinds or (kinds is not None and not kinds):
+        raise ValueError(f"pretraining sentence kinds must be a non-empty subset of 0..{PRETRAIN_KINDS - 1}, got {kinds}")
+    docs = [" ".join(_pretrain_sentence(r, kinds) for _ in range(r.randint(3, 8))) for _ in range(n_docs)]
     blob = "\n".join(docs)
     bad = [s for s in forbidden if s in blob]
     if bad:
