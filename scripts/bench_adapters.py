@@ -167,6 +167,13 @@ def apply_compile(variant: Variant, model, dynamic: bool | None) -> None:
     elif variant.compile == "model":
         from transformers import T5ForConditionalGeneration
 
+        import torch._dynamo
+
+        # Every model of the process shares Dynamo's cache of T5's code (decoder blocks recompile per
+        # layer, the floor's hook breaks graphs): past the default limit of 8 later models would run eagerly.
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, 512)
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4096)
         t5 = next(m for m in model.modules() if isinstance(m, T5ForConditionalGeneration))
         t5.compile(dynamic=dynamic)
 
@@ -190,6 +197,22 @@ def dynamo_counts() -> dict:
         return {}
     return {"graphs": counters["stats"].get("unique_graphs", 0),
             "graph_breaks": sum(counters["graph_break"].values()), "limit_hits": LimitHits.count}
+
+
+def construction_step(model, task_ids: torch.Tensor) -> None:
+    """Only what --compile factors compiles: every layer group's factors for the batch's distinct tasks
+    (the group build and each member's make, as in a training step), forward and backward (through
+    the sum of their squares), without the backbone."""
+    routing = model.task_routing
+    outs = []
+    with routing.use(task_ids):
+        for group in routing._groups.values():
+            ids = torch.unique(task_ids) if group.members[0].routed else None
+            for factors in group.build(ids):
+                outs.extend(factors.materialize())
+    if outs:
+        sum((o.float() ** 2).sum() for o in outs).backward()
+    model.zero_grad(set_to_none=True)
 
 
 def count_diff(after: dict, before: dict) -> dict:
@@ -259,6 +282,7 @@ class Runner:
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4) if self.params else None
         self.train_ms: list[float] = []
         self.eval_ms: list[float] = []
+        self.construct_ms: list[float] = []  # construction_step (--compile only)
         self.first_ms: dict[str, float] = {}  # the first train / eval call (compilation included)
         self.dynamo: dict[str, dict] = {}  # Dynamo counts added by this runner's warm-up / timed calls
         self.cpu_ms: dict[int, list[float]] = {}  # CPU time of this thread, by id of the wall-clock list
@@ -418,6 +442,8 @@ def summarise(runners: list[Runner], memory: dict, counts: dict) -> list[dict]:
         row["train_x_lora"] = train / ref_train if ref_train else None
         row["eval_x_lora"] = evaluation / ref_eval if ref_eval else None
         row["peak_x_lora"] = memory[v.name] / memory[ref.variant.name] if ref else None
+        if r.construct_ms:
+            row["construct_ms"], row["construct_ms_all"] = median(r.construct_ms), r.construct_ms
         if v.compile:
             row.update(compile=v.compile, first_train_ms=r.first_ms.get("train"), first_eval_ms=r.first_ms.get("eval"),
                        dynamo=r.dynamo)
@@ -425,6 +451,8 @@ def summarise(runners: list[Runner], memory: dict, counts: dict) -> list[dict]:
             if eager is not None:
                 row["train_x_eager"] = train / median(eager.train_ms)
                 row["eval_x_eager"] = evaluation / median(eager.eval_ms)
+                if r.construct_ms and eager.construct_ms:
+                    row["construct_x_eager"] = median(r.construct_ms) / median(eager.construct_ms)
         row["train_over_floor_ms"] = train - floor_train if floor_train is not None else None
         rows.append(row)
     # The literal per-example anchor against the fast path of the same type and order.
@@ -472,10 +500,13 @@ def markdown(result: dict) -> str:
                   "compiled, timed in the same rounds. A compiled row's × LoRA is against our LoRA compiled the same "
                   "way. First step: the first training / evaluation call, compilation included. Graphs, breaks, "
                   "limit hits: Dynamo's counts over that row's warm-up calls (train + eval): graphs compiled, "
-                  "graph breaks, functions that hit the recompile limit (and then ran eagerly).", "",
+                  "graph breaks, functions that hit the recompile limit (and then ran eagerly). Factors fwd+bwd: "
+                  "only the factor construction of a training step (every group's build and members' factors, "
+                  "forward and backward, no backbone), median of as many interleaved rounds, eager → compiled.", "",
                   "| variant | settings | compiled | train step ms | × LoRA | eager ms | eager × LoRA | compiled ÷ eager "
-                  "| eval fwd ms | × LoRA | compiled ÷ eager | first step s (train / eval) | graphs | breaks | limit hits |",
-                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| eval fwd ms | × LoRA | compiled ÷ eager | factors fwd+bwd ms | compiled ÷ eager "
+                  "| first step s (train / eval) | graphs | breaks | limit hits |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for row in compiled:
             base = eager.get(row["name"].rsplit("+", 1)[0], {})
             total = {k: sum(d.get(k, 0) for label, d in row["dynamo"].items() if "warm-up" in label)
@@ -485,6 +516,8 @@ def markdown(result: dict) -> str:
                          f"| {fmt(base.get('train_ms'), '.1f')} | {fmt(base.get('train_x_lora'), '.3f')} "
                          f"| {fmt(row.get('train_x_eager'), '.3f')} | {fmt(row['eval_ms'], '.1f')} "
                          f"| {fmt(row['eval_x_lora'], '.3f')} | {fmt(row.get('eval_x_eager'), '.3f')} "
+                         f"| {fmt(base.get('construct_ms'), '.1f')} → {fmt(row.get('construct_ms'), '.1f')} "
+                         f"| {fmt(row.get('construct_x_eager'), '.3f')} "
                          f"| {fmt(row['first_train_ms'] and row['first_train_ms'] / 1000, '.1f')} / "
                          f"{fmt(row['first_eval_ms'] and row['first_eval_ms'] / 1000, '.1f')} "
                          f"| {total['graphs']} | {total['graph_breaks']} | {total['limit_hits']} |")
@@ -597,6 +630,12 @@ def main(argv=None) -> int:
         for _ in counted("timed eval", tqdm(range(preset["steps"]), desc="eval rounds", unit="round")):
             for runner in runners:
                 runner.timed(runner.eval_forward, runner.eval_ms)
+        builders = [r for r in runners if modes and r.variant.kind == "ours" and r.model.task_routing._groups]
+        for runner in builders:
+            runner.timed(lambda r=runner: construction_step(r.model, batch["task_ids"]), None)
+        for _ in tqdm(range(preset["steps"]) if builders else [], desc="factor construction rounds", unit="round"):
+            for runner in builders:
+                runner.timed(lambda r=runner: construction_step(r.model, batch["task_ids"]), runner.construct_ms)
         for runner in tqdm(runners, desc="peak memory", unit="variant"):
             memory[runner.variant.name] = runner.peak_bytes()
     else:

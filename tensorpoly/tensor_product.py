@@ -253,23 +253,26 @@ def _compiled(name: str):
 
 
 @contextmanager
-def compiled_factors(enabled: bool = True, dynamic: bool | None = False, recompile_limit: int = 64):
+def compiled_factors(enabled: bool = True, dynamic: bool | None = False, recompile_limit: int = 256):
     """Within this context, build_rows / row_factors / kron_chain / mix_kron_chain run through
-    torch.compile (Inductor): each function is compiled once per distinct set of shapes, dtypes
-    and Python arguments (dynamic=False), so a layer group, side and number of distinct tasks each
-    cost one compilation the first time they are seen. The backward pass of what was built inside
-    the context runs the compiled backward whenever it is called. Off by default; nesting restores
-    the outer setting on exit."""
+    torch.compile (Inductor). With dynamic=False each function is compiled once per distinct set of
+    shapes, dtypes, grad mode and Python arguments: every layer group, factor side, number of distinct
+    tasks and adapter type costs one compilation the first time it is seen (tens of graphs for a T5,
+    hence the raised recompile limit; past it Dynamo runs the function eagerly). The backward pass of
+    what was built inside the context runs the compiled backward wherever it is called. Off by default
+    (TaskRouting.compile_factors turns it on for a model's calls); nesting restores the outer setting."""
     import torch._dynamo
 
     config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    saved = (_COMPILE.enabled, _COMPILE.dynamic, getattr(config, name))
+    names = [n for n in ("recompile_limit", "accumulated_recompile_limit") if hasattr(config, n)] or ["cache_size_limit"]
+    saved = (_COMPILE.enabled, _COMPILE.dynamic, {n: getattr(config, n) for n in names})
     _COMPILE.enabled, _COMPILE.dynamic = enabled, dynamic
     if enabled:
-        setattr(config, name, max(saved[2], recompile_limit))
+        for n in names:
+            setattr(config, n, max(saved[2][n], recompile_limit * (4 if n.startswith("accumulated") else 1)))
     try:
         yield
     finally:
         _COMPILE.enabled, _COMPILE.dynamic = saved[0], saved[1]
-        setattr(config, name, saved[2])
+        for n, value in saved[2].items():
+            setattr(config, n, value)
