@@ -28,7 +28,7 @@ also <out>/<preset>_profile.md (one profiled training step per variant, top K op
 --compile factors,model adds, next to every selected variant, a copy run through torch.compile
 (Inductor), timed in the same rounds as the eager rows, and writes <out>/<preset>_compile.{json,md}
 instead. "factors": our adapters' factor construction (build_rows, row_factors, kron_chain,
-mix_kron_chain: TaskRouting.compile_factors), the smallest unit that holds the tensor types'
+mix_kron_chain: tensor_product.compiled_factors), the smallest unit that holds the tensor types'
 elementwise work; the floor and PEFT rows have none and are not repeated, our LoRA (nothing to
 construct either) is, as the reference and a gauge of the noise. "model": the whole T5 module of
 every variant (nn.Module.compile), floor and LoRA included. A compiled row's × LoRA is against our
@@ -160,11 +160,16 @@ def compiled_variants(rows: list[Variant], modes: list[str]) -> list[Variant]:
     return out
 
 
-def apply_compile(variant: Variant, model, dynamic: bool | None) -> None:
+def apply_compile(variant: Variant, model, call, dynamic: bool | None):
+    """The variant's call, compiled as --compile asks."""
     if variant.compile == "factors":
-        model.task_routing.compile_factors = True
-        model.task_routing.compile_options = dict(dynamic=dynamic)
-    elif variant.compile == "model":
+        from tensorpoly.tensor_product import compiled_factors
+
+        def compiled_call(b):
+            with compiled_factors(dynamic=dynamic):  # the backward pass runs what was compiled here
+                return call(b)
+        return compiled_call
+    if variant.compile == "model":
         from transformers import T5ForConditionalGeneration
 
         import torch._dynamo
@@ -176,6 +181,7 @@ def apply_compile(variant: Variant, model, dynamic: bool | None) -> None:
         config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4096)
         t5 = next(m for m in model.modules() if isinstance(m, T5ForConditionalGeneration))
         t5.compile(dynamic=dynamic)
+    return call
 
 
 class LimitHits(logging.Handler):
@@ -199,13 +205,15 @@ def dynamo_counts() -> dict:
             "graph_breaks": sum(counters["graph_break"].values()), "limit_hits": LimitHits.count}
 
 
-def construction_step(model, task_ids: torch.Tensor) -> None:
+def construction_step(model, task_ids: torch.Tensor, compiled: bool = False, dynamic: bool | None = False) -> None:
     """Only what --compile factors compiles: every layer group's factors for the batch's distinct tasks
     (the group build and each member's make, as in a training step), forward and backward (through
     the sum of their squares), without the backbone."""
+    from tensorpoly.tensor_product import compiled_factors
+
     routing = model.task_routing
     outs = []
-    with routing.use(task_ids):
+    with routing.use(task_ids), compiled_factors(compiled, dynamic=dynamic):
         for group in routing._groups.values():
             ids = torch.unique(task_ids) if group.members[0].routed else None
             for factors in group.build(ids):
@@ -586,7 +594,7 @@ def main(argv=None) -> int:
     def make(v: Variant) -> Runner:
         nonlocal adapted
         model, call = build(v, config, preset, tasks, args.seed)
-        apply_compile(v, model, args.compile_dynamic)
+        call = apply_compile(v, model, call, args.compile_dynamic)
         runner = Runner(v, model, call, batch, device)
         counts[v.name] = sum(p.numel() for p in runner.params)
         if v.kind == "ours":
@@ -631,11 +639,15 @@ def main(argv=None) -> int:
             for runner in runners:
                 runner.timed(runner.eval_forward, runner.eval_ms)
         builders = [r for r in runners if modes and r.variant.kind == "ours" and r.model.task_routing._groups]
+
+        def construct(r: Runner) -> None:
+            construction_step(r.model, batch["task_ids"], r.variant.compile == "factors", args.compile_dynamic)
+
         for runner in builders:
-            runner.timed(lambda r=runner: construction_step(r.model, batch["task_ids"]), None)
+            runner.timed(lambda r=runner: construct(r), None)
         for _ in tqdm(range(preset["steps"]) if builders else [], desc="factor construction rounds", unit="round"):
             for runner in builders:
-                runner.timed(lambda r=runner: construction_step(r.model, batch["task_ids"]), runner.construct_ms)
+                runner.timed(lambda r=runner: construct(r), runner.construct_ms)
         for runner in tqdm(runners, desc="peak memory", unit="variant"):
             memory[runner.variant.name] = runner.peak_bytes()
     else:

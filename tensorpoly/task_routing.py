@@ -33,7 +33,6 @@ import torch
 
 from .adapters.base import Factors
 from .routing import Router
-from .tensor_product import compiled_factors
 
 
 class TaskRoutingError(ValueError):
@@ -51,9 +50,6 @@ class TaskRouting:
         # Training: keep only the factors' small pieces for the backward pass and rebuild the factors
         # there (less memory, a little more time); False keeps the factors.
         self.recompute_factors = False
-        # torch.compile the factor construction (tensor_product.compiled_factors) during calls; off by default.
-        self.compile_factors = False
-        self.compile_options: dict = {}  # keyword arguments of compiled_factors, e.g. dynamic=True
 
     # ---- grouped factors and the evaluation cache ------------------------------------------
     def register(self, adapter) -> None:
@@ -104,11 +100,7 @@ class TaskRouting:
         self._ids = {"encoder": task_ids, "decoder": decoder_task_ids if decoder_task_ids is not None else task_ids}
         self._active, self._cache = True, {}
         try:
-            if self.compile_factors:
-                with compiled_factors(**self.compile_options):
-                    yield
-            else:
-                yield
+            yield
         finally:
             self._ids, self._active, self._cache = {}, False, {}
 

@@ -1,4 +1,4 @@
-"""torch.compile of the factor construction (tensor_product.compiled_factors, TaskRouting.compile_factors):
+"""torch.compile of the factor construction (tensor_product.compiled_factors, bench_adapters.py --compile factors):
 the same rows, mixtures and gradients as eager. Skipped where torch.compile cannot run (no C++ compiler, an
 unsupported platform or Python)."""
 import pytest
@@ -34,21 +34,10 @@ def both(fn, inputs):
     return results
 
 
-def test_compiled_rows_and_mixture_match_eager():
+def test_compiled_mixture_matches_eager():
+    # TensorPoly-I's grouped order-4 path: stacked pair norms, then the mixture over experts.
     torch.manual_seed(0)
     r, d, S, U = 3, 37, 4, 5
-    # Odd order, per-pair norms with non-identity affines and statistics over the kept entries only.
-    leaf = leaf_length(d, 3)
-    norms = make_pair_norms(3, r, leaf, "joint", False, 1e-5, True, over_padding=False).double()
-    with torch.no_grad():
-        for n in norms:
-            n.weight.add_(0.3 * torch.randn_like(n.weight))
-            n.bias.add_(0.3 * torch.randn_like(n.bias))
-    (eager, eager_grads), (got, grads) = both(lambda x: build_rows(x, d, norms), [torch.randn(S, 3, r, leaf).double()])
-    torch.testing.assert_close(got, eager)
-    torch.testing.assert_close(grads, eager_grads)
-
-    # TensorPoly-I's grouped order-4 path: stacked pair norms, then the mixture over experts.
     leaf = leaf_length(d, 4)
     lists = [make_pair_norms(4, r, leaf, "joint", True, 1e-5, False).double() for _ in range(2)]
     stacked = StackedNorms(lists, lead=1)
@@ -63,17 +52,34 @@ def test_compiled_rows_and_mixture_match_eager():
     torch.testing.assert_close(grads, eager_grads)
 
 
+@pytest.mark.slow
+def test_compiled_odd_order_rows_match_eager():
+    # Odd order, per-pair norms with non-identity affines and statistics over the kept entries only.
+    torch.manual_seed(0)
+    r, d, S = 3, 37, 4
+    leaf = leaf_length(d, 3)
+    norms = make_pair_norms(3, r, leaf, "joint", False, 1e-5, True, over_padding=False).double()
+    with torch.no_grad():
+        for n in norms:
+            n.weight.add_(0.3 * torch.randn_like(n.weight))
+            n.bias.add_(0.3 * torch.randn_like(n.bias))
+    (eager, eager_grads), (got, grads) = both(lambda x: build_rows(x, d, norms), [torch.randn(S, 3, r, leaf).double()])
+    torch.testing.assert_close(got, eager)
+    torch.testing.assert_close(grads, eager_grads)
+
+
+@pytest.mark.slow  # about 20 compiled graphs: a minute on a busy CPU
 def test_model_with_compiled_factors_matches_eager():
     input_ids, labels = batch()
     task_ids = torch.tensor([0, 2, 1, 2])
     results = []
     for compiled in (False, True):
         model = adapted("tensorpoly1", order=4, target_layers="q|o")
-        model.task_routing.compile_factors = compiled
-        loss = model(input_ids=input_ids, labels=labels, task_ids=task_ids).loss
-        loss.backward()
+        with compiled_factors(compiled):
+            loss = model(input_ids=input_ids, labels=labels, task_ids=task_ids).loss
+        loss.backward()  # outside the context: the compiled backward all the same
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        with torch.no_grad():  # the evaluation path: factors built once per task and cached
+        with torch.no_grad(), compiled_factors(compiled):  # evaluation: factors built once per task, cached
             logits = model(input_ids=input_ids, labels=labels, task_ids=task_ids).logits
         results.append((loss.detach(), grads, logits))
     (loss, grads, logits), (loss_c, grads_c, logits_c) = results
