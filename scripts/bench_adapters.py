@@ -24,18 +24,29 @@ bytes allocated by torch above the step's start (from the profiler's allocation 
 
 Writes <out>/<preset>.json and <out>/<preset>.md (hardware and versions included); with --profile K
 also <out>/<preset>_profile.md (one profiled training step per variant, top K ops by self CPU).
+
+--compile factors,model adds, next to every selected variant, a copy run through torch.compile
+(Inductor), timed in the same rounds as the eager rows, and writes <out>/<preset>_compile.{json,md}
+instead. "factors": our adapters' factor construction (build_rows, row_factors, kron_chain,
+mix_kron_chain: tensor_product.compiled_factors), the smallest unit that holds the tensor types'
+elementwise work; the floor and PEFT rows have none and are not repeated, our LoRA (nothing to
+construct either) is, as the reference and a gauge of the noise. "model": the whole T5 module of
+every variant (nn.Module.compile), floor and LoRA included. A compiled row's × LoRA is against our
+LoRA compiled the same way; its first warm-up step (compilation included) and the Dynamo graphs,
+graph breaks and recompilations are reported too.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import logging
 import os
 import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -69,6 +80,7 @@ class Variant:
     kind: str  # floor | peft_lora | peft_poly | ours | literal
     fields: dict = field(default_factory=dict)
     recompute: bool = False  # TaskRouting.recompute_factors: factors rebuilt in the backward pass
+    compile: str | None = None  # None (eager) | "factors" | "model": see --compile
 
     @property
     def settings(self) -> str:
@@ -134,6 +146,87 @@ def build_backbone(config, device, dtype, seed: int):
     return model.to(dtype)
 
 
+COMPILE_MODES = ("factors", "model")
+
+
+def compiled_variants(rows: list[Variant], modes: list[str]) -> list[Variant]:
+    """The copies of rows that --compile adds, mode by mode (see the module docstring)."""
+    out = []
+    for mode in modes:
+        for v in rows:
+            if mode == "factors" and v.kind not in ("ours", "literal"):
+                continue  # the floor and PEFT build no factors of ours: nothing to compile
+            out.append(replace(v, name=f"{v.name}+{mode}", label=f"{v.label}, compiled {mode}", compile=mode))
+    return out
+
+
+def apply_compile(variant: Variant, model, call, dynamic: bool | None):
+    """The variant's call, compiled as --compile asks."""
+    if variant.compile == "factors":
+        from tensorpoly.tensor_product import compiled_factors
+
+        def compiled_call(b):
+            with compiled_factors(dynamic=dynamic):  # the backward pass runs what was compiled here
+                return call(b)
+        return compiled_call
+    if variant.compile == "model":
+        from transformers import T5ForConditionalGeneration
+
+        import torch._dynamo
+
+        # Every model of the process shares Dynamo's cache of T5's code (decoder blocks recompile per
+        # layer, the floor's hook breaks graphs): past the default limit of 8 later models would run eagerly.
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, 512)
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4096)
+        t5 = next(m for m in model.modules() if isinstance(m, T5ForConditionalGeneration))
+        t5.compile(dynamic=dynamic)
+    return call
+
+
+class LimitHits(logging.Handler):
+    """Counts Dynamo's warnings that a function hit its recompile limit (it then runs eagerly)."""
+
+    count = 0
+
+    def emit(self, record) -> None:
+        message = record.getMessage()
+        if "recompile_limit" in message or "cache_size_limit" in message:
+            LimitHits.count += 1
+
+
+def dynamo_counts() -> dict:
+    """Dynamo's running totals: graphs compiled, graph breaks, recompile-limit hits."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return {}
+    return {"graphs": counters["stats"].get("unique_graphs", 0),
+            "graph_breaks": sum(counters["graph_break"].values()), "limit_hits": LimitHits.count}
+
+
+def construction_step(model, task_ids: torch.Tensor, compiled: bool = False, dynamic: bool | None = False) -> None:
+    """Only what --compile factors compiles: every layer group's factors for the batch's distinct tasks
+    (the group build and each member's make, as in a training step), forward and backward (through
+    the sum of their squares), without the backbone."""
+    from tensorpoly.tensor_product import compiled_factors
+
+    routing = model.task_routing
+    outs = []
+    with routing.use(task_ids), compiled_factors(compiled, dynamic=dynamic):
+        for group in routing._groups.values():
+            ids = torch.unique(task_ids) if group.members[0].routed else None
+            for factors in group.build(ids):
+                outs.extend(factors.materialize())
+    if outs:
+        sum((o.float() ** 2).sum() for o in outs).backward()
+    model.zero_grad(set_to_none=True)
+
+
+def count_diff(after: dict, before: dict) -> dict:
+    return {k: after[k] - before.get(k, 0) for k in after}
+
+
 def build(variant: Variant, config, preset: dict, tasks: list[str], seed: int):
     """(model, call(inputs, train) -> loss, trainable parameters)."""
     device, dtype = torch.device(preset["device"]), getattr(torch, preset["dtype"])
@@ -197,6 +290,9 @@ class Runner:
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4) if self.params else None
         self.train_ms: list[float] = []
         self.eval_ms: list[float] = []
+        self.construct_ms: list[float] = []  # construction_step (--compile only)
+        self.first_ms: dict[str, float] = {}  # the first train / eval call (compilation included)
+        self.dynamo: dict[str, dict] = {}  # Dynamo counts added by this runner's warm-up / timed calls
         self.cpu_ms: dict[int, list[float]] = {}  # CPU time of this thread, by id of the wall-clock list
 
     def sync(self) -> None:
@@ -334,13 +430,15 @@ def median(values: list[float]) -> float | None:
 
 def summarise(runners: list[Runner], memory: dict, counts: dict) -> list[dict]:
     by_name = {r.variant.name: r for r in runners}
-    ref = by_name.get("lora_r16")
-    floor = by_name.get("floor")
-    ref_train, ref_eval = (median(ref.train_ms), median(ref.eval_ms)) if ref else (None, None)
-    floor_train = median(floor.train_ms) if floor else None
     rows = []
     for r in runners:
         v = r.variant
+        # Compiled rows against our LoRA compiled the same way (eager LoRA if it was not).
+        suffix = f"+{v.compile}" if v.compile and f"lora_r16+{v.compile}" in by_name else ""
+        ref = by_name.get("lora_r16" + suffix)
+        floor = by_name.get("floor" + (f"+{v.compile}" if v.compile and f"floor+{v.compile}" in by_name else ""))
+        ref_train, ref_eval = (median(ref.train_ms), median(ref.eval_ms)) if ref else (None, None)
+        floor_train = median(floor.train_ms) if floor else None
         train, evaluation = median(r.train_ms), median(r.eval_ms)
         row = dict(name=v.name, label=v.label, settings=v.settings, kind=v.kind, trainable_params=counts[v.name],
                    train_ms=train, eval_ms=evaluation, peak_mib=memory[v.name] / 2**20,
@@ -351,11 +449,24 @@ def summarise(runners: list[Runner], memory: dict, counts: dict) -> list[dict]:
         row["train_cpu_x_lora"] = row["train_cpu_ms"] / ref_cpu if ref_cpu and row["train_cpu_ms"] else None
         row["train_x_lora"] = train / ref_train if ref_train else None
         row["eval_x_lora"] = evaluation / ref_eval if ref_eval else None
-        row["peak_x_lora"] = memory[v.name] / memory["lora_r16"] if "lora_r16" in memory else None
+        row["peak_x_lora"] = memory[v.name] / memory[ref.variant.name] if ref else None
+        if r.construct_ms:
+            row["construct_ms"], row["construct_ms_all"] = median(r.construct_ms), r.construct_ms
+        if v.compile:
+            row.update(compile=v.compile, first_train_ms=r.first_ms.get("train"), first_eval_ms=r.first_ms.get("eval"),
+                       dynamo=r.dynamo)
+            eager = by_name.get(v.name.rsplit("+", 1)[0])
+            if eager is not None:
+                row["train_x_eager"] = train / median(eager.train_ms)
+                row["eval_x_eager"] = evaluation / median(eager.eval_ms)
+                if r.construct_ms and eager.construct_ms:
+                    row["construct_x_eager"] = median(r.construct_ms) / median(eager.construct_ms)
         row["train_over_floor_ms"] = train - floor_train if floor_train is not None else None
         rows.append(row)
     # The literal per-example anchor against the fast path of the same type and order.
     for row in rows:
+        if row.get("compile"):
+            continue
         literal = next((x for x in rows if x["name"] == f"literal_{row['name']}"), None)
         if literal is not None:
             row["literal_x_train"] = literal["train_ms"] / row["train_ms"]
@@ -390,6 +501,38 @@ def markdown(result: dict) -> str:
                      f"| {fmt(row['peak_x_lora'], '.3f')} | {literal} |")
     lines.append("")
     lines.append("× LoRA: ratio to our LoRA r16. Peak: " + result["memory_note"])
+    compiled = [row for row in result["rows"] if row.get("compile")]
+    if compiled:
+        eager = {row["name"]: row for row in result["rows"] if not row.get("compile")}
+        lines += ["", f"torch.compile (Inductor, dynamic={result['settings']['compile_dynamic']}): each variant eager and "
+                  "compiled, timed in the same rounds. A compiled row's × LoRA is against our LoRA compiled the same "
+                  "way. First step: the first training / evaluation call, compilation included. Graphs, breaks, "
+                  "limit hits: Dynamo's counts over that row's warm-up calls (train + eval): graphs compiled, "
+                  "graph breaks, functions that hit the recompile limit (and then ran eagerly). Factors fwd+bwd: "
+                  "only the factor construction of a training step (every group's build and members' factors, "
+                  "forward and backward, no backbone), median of as many interleaved rounds, eager → compiled.", "",
+                  "| variant | settings | compiled | train step ms | × LoRA | eager ms | eager × LoRA | compiled ÷ eager "
+                  "| eval fwd ms | × LoRA | compiled ÷ eager | factors fwd+bwd ms | compiled ÷ eager "
+                  "| first step s (train / eval) | graphs | breaks | limit hits |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in compiled:
+            base = eager.get(row["name"].rsplit("+", 1)[0], {})
+            total = {k: sum(d.get(k, 0) for label, d in row["dynamo"].items() if "warm-up" in label)
+                     for k in ("graphs", "graph_breaks", "limit_hits")}
+            lines.append(f"| {base.get('label', row['label'])} | {row['settings']} | {row['compile']} "
+                         f"| {fmt(row['train_ms'], '.1f')} | {fmt(row['train_x_lora'], '.3f')} "
+                         f"| {fmt(base.get('train_ms'), '.1f')} | {fmt(base.get('train_x_lora'), '.3f')} "
+                         f"| {fmt(row.get('train_x_eager'), '.3f')} | {fmt(row['eval_ms'], '.1f')} "
+                         f"| {fmt(row['eval_x_lora'], '.3f')} | {fmt(row.get('eval_x_eager'), '.3f')} "
+                         f"| {fmt(base.get('construct_ms'), '.1f')} → {fmt(row.get('construct_ms'), '.1f')} "
+                         f"| {fmt(row.get('construct_x_eager'), '.3f')} "
+                         f"| {fmt(row['first_train_ms'] and row['first_train_ms'] / 1000, '.1f')} / "
+                         f"{fmt(row['first_eval_ms'] and row['first_eval_ms'] / 1000, '.1f')} "
+                         f"| {total['graphs']} | {total['graph_breaks']} | {total['limit_hits']} |")
+        timed = {k: compiled[0]["dynamo"].get(k, {}) for k in ("timed train", "timed eval")}
+        lines += ["", "During the timed rounds (all compiled rows together): "
+                  + "; ".join(f"{k}: {d.get('graphs', 0)} new graphs (recompilations), {d.get('graph_breaks', 0)} "
+                              f"breaks, {d.get('limit_hits', 0)} limit hits" for k, d in timed.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -406,8 +549,18 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", type=int, default=0, metavar="K",
                         help="also profile one training step per variant: op and autograd-node counts, page "
                              "faults, top K ops by self CPU time, into <out>/<preset>_profile.md (interleaved runs)")
+    parser.add_argument("--compile", metavar="MODES",
+                        help="comma-separated torch.compile modes (factors, model): add a compiled copy of every "
+                             "selected variant and write <out>/<preset>_compile.{json,md} (see above)")
+    parser.add_argument("--compile-dynamic", action=argparse.BooleanOptionalAction, default=False,
+                        help="torch.compile(dynamic=True) instead of shape-specialised graphs")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    modes = args.compile.split(",") if args.compile else []
+    if set(modes) - set(COMPILE_MODES):
+        print(f"unknown compile modes {sorted(set(modes) - set(COMPILE_MODES))}; known: {list(COMPILE_MODES)}",
+              file=sys.stderr)
+        return 2
     from tqdm.auto import tqdm
 
     preset = dict(PRESETS[args.preset])
@@ -420,6 +573,8 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("the gpu preset needs a CUDA device; use --preset cpu here", file=sys.stderr)
         return 2
+    if modes:
+        logging.getLogger("torch._dynamo").addHandler(LimitHits())
     rows = variants(preset["mhr_heads"])
     if args.only:
         keep = set(args.only.split(",")) | {"floor", "lora_r16"}
@@ -428,6 +583,8 @@ def main(argv=None) -> int:
             print(f"unknown variants {sorted(unknown)}; known: {[v.name for v in rows]}", file=sys.stderr)
             return 2
         rows = [v for v in rows if v.name in keep]
+    rows += compiled_variants(rows, modes)
+    stem = f"{args.preset}_compile" if modes else args.preset
     config = backbone_config(preset)
     tasks = [f"task{i}" for i in range(preset["n_tasks"])]
     batch = make_batch(preset, config.vocab_size, len(tasks), args.seed)
@@ -437,6 +594,7 @@ def main(argv=None) -> int:
     def make(v: Variant) -> Runner:
         nonlocal adapted
         model, call = build(v, config, preset, tasks, args.seed)
+        call = apply_compile(v, model, call, args.compile_dynamic)
         runner = Runner(v, model, call, batch, device)
         counts[v.name] = sum(p.numel() for p in runner.params)
         if v.kind == "ours":
@@ -444,12 +602,27 @@ def main(argv=None) -> int:
         return runner
 
     def measure(runner: Runner, train: bool, evaluation: bool) -> None:
-        if train:
-            for _ in range(preset["warmup"]):
-                runner.timed(runner.train_step, None)
-        if evaluation:
-            for _ in range(preset["warmup"]):
-                runner.timed(runner.eval_forward, None)
+        for kind, fn, wanted in (("train", runner.train_step, train), ("eval", runner.eval_forward, evaluation)):
+            if not wanted:
+                continue
+            before = dynamo_counts()
+            first: list[float] = []
+            runner.timed(fn, first)
+            runner.first_ms[kind] = first[0]
+            for _ in range(preset["warmup"] - 1):
+                runner.timed(fn, None)
+            if runner.variant.compile:
+                runner.dynamo[f"{kind} warm-up"] = count_diff(dynamo_counts(), before)
+
+    def counted(label: str, rounds):
+        """Dynamo counts added during rounds, given to the compiled runners (they run interleaved,
+        so a count is the total over all of them: per runner only when a single one is compiled)."""
+        before = dynamo_counts()
+        yield from rounds
+        added = count_diff(dynamo_counts(), before)
+        for runner in runners:
+            if runner.variant.compile:
+                runner.dynamo[label] = added
 
     started = time.perf_counter()
     if preset["interleave"]:
@@ -457,14 +630,24 @@ def main(argv=None) -> int:
             runner = make(v)
             measure(runner, train=True, evaluation=False)
             runners.append(runner)
-        for _ in tqdm(range(preset["steps"]), desc="train rounds", unit="round"):
+        for _ in counted("timed train", tqdm(range(preset["steps"]), desc="train rounds", unit="round")):
             for runner in runners:
                 runner.timed(runner.train_step, runner.train_ms)
         for runner in runners:
             measure(runner, train=False, evaluation=True)
-        for _ in tqdm(range(preset["steps"]), desc="eval rounds", unit="round"):
+        for _ in counted("timed eval", tqdm(range(preset["steps"]), desc="eval rounds", unit="round")):
             for runner in runners:
                 runner.timed(runner.eval_forward, runner.eval_ms)
+        builders = [r for r in runners if modes and r.variant.kind == "ours" and r.model.task_routing._groups]
+
+        def construct(r: Runner) -> None:
+            construction_step(r.model, batch["task_ids"], r.variant.compile == "factors", args.compile_dynamic)
+
+        for runner in builders:
+            runner.timed(lambda r=runner: construct(r), None)
+        for _ in tqdm(range(preset["steps"]) if builders else [], desc="factor construction rounds", unit="round"):
+            for runner in builders:
+                runner.timed(lambda r=runner: construct(r), runner.construct_ms)
         for runner in tqdm(runners, desc="peak memory", unit="variant"):
             memory[runner.variant.name] = runner.peak_bytes()
     else:
@@ -496,17 +679,18 @@ def main(argv=None) -> int:
                       batch=preset["batch"], distinct=preset["distinct"], input_len=preset["input_len"],
                       target_len=preset["target_len"], dtype=preset["dtype"], n_tasks=len(tasks),
                       steps=preset["steps"], warmup=preset["warmup"], interleave=preset["interleave"],
-                      adapted_linears=adapted, task_ids=batch["task_ids"].tolist()),
+                      adapted_linears=adapted, task_ids=batch["task_ids"].tolist(),
+                      compile=modes, compile_dynamic=args.compile_dynamic),
         hardware=hardware(device), versions=versions(), seconds=round(time.perf_counter() - started, 1),
         memory_note=memory_note, rows=summarise(runners, memory, counts))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.preset}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
-    (args.out / f"{args.preset}.md").write_text(table)
+    (args.out / f"{stem}.md").write_text(table)
     print(table)
-    print(f"wrote {args.out / (args.preset + '.json')} and .md in {result['seconds']} s")
+    print(f"wrote {args.out / (stem + '.json')} and .md in {result['seconds']} s")
     if args.profile and preset["interleave"]:
-        path = args.out / f"{args.preset}_profile.md"
+        path = args.out / f"{stem}_profile.md"
         path.write_text(f"One profiled training step per variant, preset `{args.preset}`.\n\n"
                         + profile_table(runners, args.profile))
         print(f"wrote {path}")

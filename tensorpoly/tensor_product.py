@@ -18,6 +18,7 @@ N in {1, 2, 4} this is exactly the paper code's balanced tree, and it extends it
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -148,19 +149,41 @@ def build_rows(leaves: torch.Tensor, d: int, norms) -> torch.Tensor:
 
     `norms` holds one PairNorm per leaf pair, one shared by all pairs, or none (or a StackedNorms).
     """
-    return kron_chain(row_factors(leaves, d, norms), d)
+    if _COMPILE.enabled:
+        return _compiled("build_rows")(leaves, d, norm_specs(norms))
+    return _build_rows(leaves, d, norm_specs(norms))
+
+
+def _build_rows(leaves: torch.Tensor, d: int, specs: tuple) -> torch.Tensor:
+    return _kron_chain(_row_factors(leaves, d, specs), d)
 
 
 def row_factors(leaves: torch.Tensor, d: int, norms) -> list[torch.Tensor]:
     """The factors whose Kronecker product is a row: the normalised leaf pairs, then the unpaired
     last leaf for odd N: [..., r, l^2] each, and [..., r, l]."""
+    if _COMPILE.enabled:
+        return _compiled("row_factors")(leaves, d, norm_specs(norms))
+    return _row_factors(leaves, d, norm_specs(norms))
+
+
+def norm_specs(norms) -> tuple:
+    """The pair norms (a ModuleList of PairNorm, or a StackedNorms) as plain data, one
+    (scope, eps, over_padding, weight, bias, fused) per norm: what `pair_norm` takes."""
+    if isinstance(norms, StackedNorms):
+        return tuple(spec + (False,) for spec in norms.norms)
+    return tuple((n.scope, n.eps, n.over_padding, n.weight, n.bias, True) for n in norms)
+
+
+def _row_factors(leaves: torch.Tensor, d: int, specs: tuple) -> list[torch.Tensor]:
     order, leaf = leaves.shape[-3], leaves.shape[-1]
     lengths = [leaf * leaf] * n_leaf_pairs(order) + [leaf] * (order % 2)
     factors = []
     for p in range(n_leaf_pairs(order)):
         pair = kron_rows(leaves[..., 2 * p, :, :], leaves[..., 2 * p + 1, :, :])
-        if len(norms):
-            pair = norms[min(p, len(norms) - 1)](pair, used=entries_reaching_output(lengths, p, d))
+        if len(specs):
+            scope, eps, over_padding, weight, bias, fused = specs[min(p, len(specs) - 1)]
+            pair = pair_norm(pair, entries_reaching_output(lengths, p, d), scope, eps, over_padding, weight, bias,
+                             fused)
         factors.append(pair)
     if order % 2:
         factors.append(leaves[..., order - 1, :, :])
@@ -169,8 +192,14 @@ def row_factors(leaves: torch.Tensor, d: int, norms) -> list[torch.Tensor]:
 
 def kron_chain(factors: list[torch.Tensor], d: int | None = None) -> torch.Tensor:
     """Row-wise Kronecker product of factors [..., r, len_i], cut to its first d entries (None: all)."""
+    if _COMPILE.enabled:
+        return _compiled("kron_chain")(list(factors), d)
+    return _kron_chain(factors, d)
+
+
+def _kron_chain(factors: list[torch.Tensor], d: int | None = None) -> torch.Tensor:
     out = factors[0]
-    later = math.prod(f.shape[-1] for f in factors[1:])
+    later = math.prod([f.shape[-1] for f in factors[1:]])
     for f in factors[1:]:
         later //= f.shape[-1]
         # Only the first ceil(d / later) entries of the product with f can reach the first d.
@@ -185,13 +214,65 @@ def mix_kron_chain(w: torch.Tensor, factors: list[torch.Tensor], d: int) -> torc
     The mixed row is, as a [p, q] matrix, sum_s w[u, s] P_s^T Q_s with P the first factor and Q the
     product of the others: one batched matmul over the rows, contracting the experts.
     """
+    if _COMPILE.enabled:
+        return _compiled("mix_kron_chain")(w, list(factors), d)
+    return _mix_kron_chain(w, factors, d)
+
+
+def _mix_kron_chain(w: torch.Tensor, factors: list[torch.Tensor], d: int) -> torch.Tensor:
     if len(factors) == 1:
         S, r, full = factors[0].shape
         return torch.mm(w, factors[0].reshape(S, r * full)).view(-1, r, full)[..., :d]
-    Q = kron_chain(factors[1:])  # [S, r, q]
+    Q = _kron_chain(factors[1:])  # [S, r, q]
     S, r, q = Q.shape
     P = factors[0][..., : math.ceil(d / q)]  # [S, r, p]: only these entries reach the first d
     U, p = w.shape[0], P.shape[-1]
     Pw = P.permute(1, 2, 0).unsqueeze(1) * w.view(1, U, 1, S)  # [r, U, p, S]
     out = torch.bmm(Pw.reshape(r, U * p, S), Q.transpose(0, 1))  # [r, U p, q]
     return out.view(r, U, p * q)[..., :d].transpose(0, 1)  # [U, r, d]
+
+
+# ---- optional torch.compile of the factor construction ---------------------------------------------
+class _CompileState:
+    enabled = False
+    dynamic: bool | None = False
+    functions: dict = {}
+
+
+_COMPILE = _CompileState()
+_IMPLEMENTATIONS = {"build_rows": _build_rows, "row_factors": _row_factors, "kron_chain": _kron_chain,
+                    "mix_kron_chain": _mix_kron_chain}
+
+
+def _compiled(name: str):
+    key = (name, _COMPILE.dynamic)
+    fn = _COMPILE.functions.get(key)
+    if fn is None:
+        fn = _COMPILE.functions[key] = torch.compile(_IMPLEMENTATIONS[name], dynamic=_COMPILE.dynamic)
+    return fn
+
+
+@contextmanager
+def compiled_factors(enabled: bool = True, dynamic: bool | None = False, recompile_limit: int = 256):
+    """Within this context, build_rows / row_factors / kron_chain / mix_kron_chain run through
+    torch.compile (Inductor). With dynamic=False each function is compiled once per distinct set of
+    shapes, dtypes, grad mode and Python arguments: every layer group, factor side, number of distinct
+    tasks and adapter type costs one compilation the first time it is seen (tens of graphs for a T5,
+    hence the raised recompile limit; past it Dynamo runs the function eagerly). The backward pass of
+    what was built inside the context runs the compiled backward wherever it is called. Off by default
+    (TaskRouting.compile_factors turns it on for a model's calls); nesting restores the outer setting."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    names = [n for n in ("recompile_limit", "accumulated_recompile_limit") if hasattr(config, n)] or ["cache_size_limit"]
+    saved = (_COMPILE.enabled, _COMPILE.dynamic, {n: getattr(config, n) for n in names})
+    _COMPILE.enabled, _COMPILE.dynamic = enabled, dynamic
+    if enabled:
+        for n in names:
+            setattr(config, n, max(saved[2][n], recompile_limit * (4 if n.startswith("accumulated") else 1)))
+    try:
+        yield
+    finally:
+        _COMPILE.enabled, _COMPILE.dynamic = saved[0], saved[1]
+        for n, value in saved[2].items():
+            setattr(config, n, value)
