@@ -18,9 +18,11 @@ from .batches import StepBatches
 
 
 def fit(accelerator, model, optimizer, scheduler, features: list[dict], loss_fn: Callable, recipe, seed: int,
-        pad_id: int, start_step: int = 0, after_step: Callable | None = None, desc: str = "train") -> dict:
+        pad_id: int, start_step: int = 0, after_step: Callable | None = None, desc: str = "train",
+        step_context: Callable[[int], contextlib.AbstractContextManager] | None = None) -> dict:
     """Train from start_step to recipe.steps; after_step(step, metrics) may return "stop" (checkpointing,
-    validation and logging live there). Returns the last step's metrics."""
+    validation and logging live there); step_context(step) wraps the forward and backward passes of
+    optimizer step `step` (0-based). Returns the last step's metrics."""
     ga, steps = int(recipe.grad_accum), int(recipe.steps)
     batches = StepBatches(len(features), int(recipe.batch_size), seed, accelerator.process_index,
                           accelerator.num_processes)
@@ -32,16 +34,17 @@ def fit(accelerator, model, optimizer, scheduler, features: list[dict], loss_fn:
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     for step in bar:
         parts_sum, loss_sum = {}, 0.0
-        for micro in range(ga):
-            batch = collate([features[i] for i in batches.indices(step * ga + micro)])
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            sync = contextlib.nullcontext() if micro == ga - 1 else accelerator.no_sync(model)
-            with sync, accelerator.autocast():
-                loss, parts = loss_fn(model, batch)
-                accelerator.backward(loss / ga)
-            loss_sum += loss.detach() / ga
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + v / ga
+        with step_context(step) if step_context is not None else contextlib.nullcontext():
+            for micro in range(ga):
+                batch = collate([features[i] for i in batches.indices(step * ga + micro)])
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                sync = contextlib.nullcontext() if micro == ga - 1 else accelerator.no_sync(model)
+                with sync, accelerator.autocast():
+                    loss, parts = loss_fn(model, batch)
+                    accelerator.backward(loss / ga)
+                loss_sum += loss.detach() / ga
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + v / ga
         grad_norm = accelerator.clip_grad_norm_(params, float(recipe.clip))
         optimizer.step()
         scheduler.step()

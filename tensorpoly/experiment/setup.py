@@ -9,6 +9,7 @@ from transformers import AutoTokenizer, ByT5Tokenizer, T5Config, T5ForConditiona
 
 from ..config import ROUTED_TYPES, AdapterConfig, ConfigError
 from ..model import TensorPolyModel, check_config
+from .average_route import check_average_route_prob
 from .data import check_available, heldout_tasks, training_tasks
 from .optim import OPTIMIZERS
 from .rundir import repo_path
@@ -74,6 +75,7 @@ def check_training_config(cfg) -> AdapterConfig:
         raise ConfigError("no adapter type: pass model=<lora|tlora|poly|mhr|tensorpoly1|tensorpoly2>")
     check_logger(cfg.logger)
     check_recipe(cfg.train, "train")
+    check_average_route_prob(cfg.train)
     for key in ("checkpoint_every", "log_every", "val_every"):
         if int(cfg.train[key]) < 1:
             raise ConfigError(f"train.{key}={cfg.train[key]!r}: must be >= 1")

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from ..checkpoint import save_adapter
 from ..data import Collator
+from .average_route import average_route_steps, check_average_route_prob
 from .data import heldout_tasks, tokenize, training_mixture
 from .evaluation import evaluate_heldout
 from .fit import fit, params_checksum
@@ -134,7 +135,8 @@ def run_training(cfg) -> dict:
     started = time.perf_counter()
     last = fit(accelerator, model, optimizer, scheduler, train_features, lambda m, b: (lm_loss(m, b), {}),
                cfg.train, int(cfg.seed), tokenizer.pad_token_id, start_step=start, after_step=after_step,
-               desc=f"train {cfg.model.module_type}")
+               desc=f"train {cfg.model.module_type}",
+               step_context=average_route_steps(inner, check_average_route_prob(cfg.train), int(cfg.seed)))
     train_seconds = time.perf_counter() - started
     sums = accelerator.gather(params_checksum(inner.trainable_parameters()).to(accelerator.device).unsqueeze(0))
     rank_diff = float((sums - sums[0]).abs().max())
