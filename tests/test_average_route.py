@@ -69,3 +69,21 @@ def test_a_bad_probability_is_refused_before_anything_loads(tmp_path, bad):
     cfg = quick_train_cfg(tmp_path, "bad", f"train.average_route_prob={bad}")
     with pytest.raises(ConfigError, match=r"train.average_route_prob=.*a probability in \[0, 1\]"):
         check_training_config(cfg)
+
+
+def test_heldin_accuracy_scores_training_tasks_through_the_zero_shot_router(tmp_path, monkeypatch, capsys):
+    import runpy
+    import sys
+
+    from tensorpoly.experiment.rundir import REPO_ROOT
+
+    run = run_training(quick_train_cfg(tmp_path, "scored", "model=poly", "data.datasets=[count]", "train.steps=2"))
+    script = str(REPO_ROOT / "scripts" / "heldin_accuracy.py")
+    for extra, routing in (([], "own task rows"), (["--average", "uniform"], "uniform average router")):
+        monkeypatch.setattr(sys, "argv", [script, "--checkpoint", run["run_dir"], "--per-task", "4", *extra])
+        runpy.run_path(script, run_name="__main__")
+        out = capsys.readouterr().out
+        assert f"({routing})" in out and "top answer" in out
+        rows = [line.split() for line in out.splitlines() if line.startswith("count/")]
+        assert [r[0] for r in rows] == ["count/count_words", "count/how_many", "count/number_of_items"]
+        assert all(0 <= float(r[1]) <= 1 and abs(float(r[2]) - 1 / 6) < 0.01 and 0.25 <= float(r[3]) <= 1 for r in rows)
