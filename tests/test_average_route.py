@@ -1,5 +1,5 @@
 """Training the zero-shot route (`train.average_route_prob`): which steps are drawn, what a drawn step
-trains, and the error for a bad probability."""
+trains, the error for a bad probability; and the two scripts that diagnose zero-shot routing."""
 import json
 from pathlib import Path
 
@@ -72,18 +72,43 @@ def test_a_bad_probability_is_refused_before_anything_loads(tmp_path, bad):
 
 
 def test_heldin_accuracy_scores_training_tasks_through_the_zero_shot_router(tmp_path, monkeypatch, capsys):
-    import runpy
-    import sys
-
-    from tensorpoly.experiment.rundir import REPO_ROOT
-
     run = run_training(quick_train_cfg(tmp_path, "scored", "model=poly", "data.datasets=[count]", "train.steps=2"))
-    script = str(REPO_ROOT / "scripts" / "heldin_accuracy.py")
     for extra, routing in (([], "own task rows"), (["--average", "uniform"], "uniform average router")):
-        monkeypatch.setattr(sys, "argv", [script, "--checkpoint", run["run_dir"], "--per-task", "4", *extra])
-        runpy.run_path(script, run_name="__main__")
+        _run_script("heldin_accuracy.py", ["--checkpoint", run["run_dir"], "--per-task", "4", *extra], monkeypatch)
         out = capsys.readouterr().out
         assert f"({routing})" in out and "top answer" in out
         rows = [line.split() for line in out.splitlines() if line.startswith("count/")]
         assert [r[0] for r in rows] == ["count/count_words", "count/how_many", "count/number_of_items"]
         assert all(0 <= float(r[1]) <= 1 and abs(float(r[2]) - 1 / 6) < 0.01 and 0.25 <= float(r[3]) <= 1 for r in rows)
+
+
+def _run_script(name, argv, monkeypatch):
+    import runpy
+    import sys
+
+    from tensorpoly.experiment.rundir import REPO_ROOT
+
+    script = str(REPO_ROOT / "scripts" / name)
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    runpy.run_path(script, run_name="__main__")
+
+
+def test_route_probe_scores_held_out_tasks_through_every_training_row(tmp_path, monkeypatch, capsys):
+    run = run_training(quick_train_cfg(tmp_path, "probed", "model=poly", "data.datasets=[count]", "train.steps=2"))
+    _run_script("route_probe.py", ["--checkpoint", run["run_dir"], "--tasks", "who_liked", "count_category",
+                                   "--limit", "6"], monkeypatch)
+    out = capsys.readouterr().out
+    assert "3 training rows" in out
+    lines = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("who_liked", "count_category"))}
+    assert set(lines) == {"who_liked", "count_category"}
+    assert float(lines["who_liked"][1]) == 0.5 and float(lines["count_category"][1]) == 0.25
+    for fields in lines.values():
+        average, best = float(fields[2]), float(fields[3])
+        assert 0 <= average <= 1 and 0 <= best <= 1
+        assert fields[4].startswith("count/") and float(fields[5].rstrip(",")) == best  # best row listed first
+
+
+def test_route_probe_refuses_a_dense_adapter(tmp_path, monkeypatch):
+    run = run_training(quick_train_cfg(tmp_path, "dense", "model=lora", "train.steps=1"))
+    with pytest.raises(SystemExit, match="a lora adapter has no router to probe"):
+        _run_script("route_probe.py", ["--checkpoint", run["run_dir"]], monkeypatch)
