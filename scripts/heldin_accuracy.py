@@ -11,11 +11,9 @@ from collections import Counter, defaultdict
 
 import torch
 
-from tensorpoly.checkpoint import load_adapter
 from tensorpoly.experiment.data import tokenize, training_mixture
 from tensorpoly.experiment.evaluation import predict
-from tensorpoly.experiment.rundir import find_checkpoint, run_config_of
-from tensorpoly.experiment.setup import load_backbone, load_tokenizer
+from tensorpoly.experiment.setup import load_trained
 from tensorpoly.routing import AVERAGE_KINDS
 
 
@@ -27,10 +25,7 @@ def main() -> None:
                         help="route every task with this zero-shot router, not its own row")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    adapter_dir = find_checkpoint(args.checkpoint)
-    run_cfg = run_config_of(adapter_dir)
-    tokenizer = load_tokenizer(run_cfg.backbone)
-    model = load_adapter(load_backbone(run_cfg.backbone), adapter_dir).eval()
+    adapter_dir, run_cfg, tokenizer, model = load_trained(args.checkpoint)
     if args.average and model.config.routed:
         model.use_average_routing(args.average)
     mixture = training_mixture(run_cfg.data, int(run_cfg.seed))

@@ -11,11 +11,9 @@ import statistics
 import torch
 from tqdm.auto import tqdm
 
-from tensorpoly.checkpoint import load_adapter
 from tensorpoly.experiment.data import eval_examples, heldout_tasks, tokenize
 from tensorpoly.experiment.evaluation import predict
-from tensorpoly.experiment.rundir import find_checkpoint, run_config_of
-from tensorpoly.experiment.setup import load_backbone, load_tokenizer
+from tensorpoly.experiment.setup import load_trained
 
 
 def accuracy(model, examples, tokenizer, row: int, run_cfg) -> float:
@@ -32,10 +30,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=3, help="best single rows to list per task")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    adapter_dir = find_checkpoint(args.checkpoint)
-    run_cfg = run_config_of(adapter_dir)
-    tokenizer = load_tokenizer(run_cfg.backbone)
-    model = load_adapter(load_backbone(run_cfg.backbone), adapter_dir).eval()
+    adapter_dir, run_cfg, tokenizer, model = load_trained(args.checkpoint)
     if not model.config.routed:
         raise SystemExit(f"{adapter_dir}: a {model.config.module_type} adapter has no router to probe; "
                          f"pass a poly, mhr, tensorpoly1 or tensorpoly2 run")

@@ -7,12 +7,13 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoTokenizer, ByT5Tokenizer, T5Config, T5ForConditionalGeneration
 
+from ..checkpoint import load_adapter
 from ..config import ROUTED_TYPES, AdapterConfig, ConfigError
 from ..model import TensorPolyModel, check_config
 from .average_route import check_average_route_prob
 from .data import check_available, heldout_tasks, training_tasks
 from .optim import OPTIMIZERS
-from .rundir import repo_path
+from .rundir import find_checkpoint, repo_path, run_config_of
 from .runtime import mixed_precision
 from .tracking import check_logger
 
@@ -91,3 +92,12 @@ def build_model(cfg, config: AdapterConfig, seed: int) -> tuple[TensorPolyModel,
     backbone = load_backbone(cfg.backbone, seed)
     torch.manual_seed(seed)  # adapter init: identical on every rank and on resume
     return TensorPolyModel(backbone, config), tokenizer
+
+
+def load_trained(spec: str):
+    """(adapter dir, its run config, tokenizer, adapted model in eval mode) of a training run or checkpoint
+    (`latest`, `outputs/train/<run>`, or a checkpoint dir): what the diagnostic scripts start from."""
+    adapter_dir = find_checkpoint(spec)
+    run_cfg = run_config_of(adapter_dir)
+    model = load_adapter(load_backbone(run_cfg.backbone), adapter_dir).eval()
+    return adapter_dir, run_cfg, load_tokenizer(run_cfg.backbone), model
