@@ -53,11 +53,33 @@ def test_heldout_examples_agree_with_registry():
         assert len(labels) > 1, f"{ds}: degenerate labels"
 
 
-def test_heldout_tasks_recombine_training_skills():
+def test_heldout_tasks_compose_or_reword_training_skills():
     reg = B.benchmark_registry()["datasets"]
     train_skills = {s for d in B.train_datasets() for s in reg[d]["skills"]}
-    for d in B.heldout_datasets():
+    kinds = B.heldout_transfer()
+    assert set(kinds) == set(B.heldout_datasets())
+    composed = [d for d, k in kinds.items() if k == "composition"]
+    reworded = [d for d, k in kinds.items() if k == "rewording"]
+    for d in composed:
         assert len(reg[d]["skills"]) >= 2 and set(reg[d]["skills"]) <= train_skills
+    # one rewording per training skill, each of one skill, in words no training template uses
+    assert sorted(s for d in reworded for s in reg[d]["skills"]) == sorted(train_skills)
+    train_prompts = {t._impl.jinja.split("|||")[0].strip() for d in B.train_datasets() for t in B.templates(d)}
+    for d in reworded:
+        assert len(reg[d]["skills"]) == 1
+        for t in B.templates(d):
+            assert t._impl.jinja.split("|||")[0].strip() not in train_prompts, f"{d}/{t.name} repeats a training prompt"
+
+
+def test_heldout_groups_select_tasks_and_bad_names_say_the_groups():
+    from omegaconf import OmegaConf
+    from tensorpoly.experiment.data import heldout_tasks
+
+    cfg = OmegaConf.create({"name": "benchmark", "source": "benchmark", "heldout": "rewording"})
+    assert set(heldout_tasks(cfg)) == {d for d, k in B.heldout_transfer().items() if k == "rewording"}
+    assert set(heldout_tasks(cfg, "composition")) | set(heldout_tasks(cfg)) == set(B.heldout_datasets())
+    with pytest.raises(DataError, match=r"'rewordings'.*or a group: composition, rewording"):
+        heldout_tasks(cfg, ["rewordings"])
 
 
 def test_conflicting_pairs_share_templates_and_flip_answers():

@@ -18,9 +18,10 @@ TASKS = ["alpha", "beta"]
 MODEL_DEFAULTS = {m: read_group_config("model", m) for m in available("model")}
 
 
-def write(root: Path, name: str, method: str, seed: int, accs: dict, kind: str = "train", **model_overrides):
+def write(root: Path, name: str, method: str, seed: int, accs: dict, kind: str = "train", data: str = "bench",
+          **model_overrides):
     model = {**MODEL_DEFAULTS[method], **model_overrides}
-    cfg = {"seed": seed, "model": model, "data": {"name": "bench"}, "backbone": {"name": "bb"},
+    cfg = {"seed": seed, "model": model, "data": {"name": data}, "backbone": {"name": "bb"},
            "routing": {"granularity": "finegrained"}}
     if kind == "train":
         heldout = {t: {"accuracy": a, "chance": 0.5} for t, a in accs.items()}
@@ -62,6 +63,19 @@ def test_main_table_means_spreads_bold_and_missing(results):
     assert "| Poly | – | – | – |" in md and "| chance | 50.0 | 50.0 | 50.0 |" in md
     tex = to_latex(table)
     assert r"\textbf{90.0}" in tex and r"65.0 $\pm$ 7.1" in tex and "--" in tex
+
+
+def test_embedded_benchmark_tables_average_each_transfer_group(tmp_path):
+    root = tmp_path / "results"
+    write(root, "a", "lora", 1, {"tally": 0.9, "enjoyed": 0.7, "negated_review": 0.2}, data="benchmark")
+    write(root, "b", "lora", 2, {"tally": 0.5, "enjoyed": 0.5, "negated_review": 0.4}, data="benchmark")
+    table = main_tables(group_results(read_results(root)), MODEL_DEFAULTS)[0]
+    assert table.columns == ["negated_review", "enjoyed", "tally", "composition avg", "rewording avg", "average"]
+    lora = dict(table.rows)["LoRA"]
+    assert lora[3].values == pytest.approx([0.2, 0.4])                    # composition: negated_review only
+    assert lora[4].values == pytest.approx([0.8, 0.5])                    # rewording: per seed, mean of two tasks
+    assert lora[5].values == pytest.approx([0.6, 0.4666666666666667])
+    assert [c.mean for c in dict(table.rows)["chance"]][3:] == pytest.approx([0.5, 0.5, 0.5])
 
 
 def test_few_shot_cells_average_over_few_shot_seeds(results):

@@ -1,12 +1,14 @@
 """Multi-task training end to end on CPU: every adapter type learns, a killed run resumes to the same
 weights as an uninterrupted one, results files are complete, and checkpoints are found again."""
 import json
+import statistics
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from tensorpoly.data import benchmark as B
 from tensorpoly.experiment.rundir import read_state
 from tensorpoly.experiment.train import run_training
 
@@ -32,8 +34,13 @@ def test_a_short_run_lowers_the_validation_loss_and_writes_a_complete_result(tmp
     metrics = record["metrics"]
     assert metrics["val_loss"] < metrics["val_loss_start"] - 0.5, metrics
     assert record["method"] == model and record["config"]["model"]["module_type"] == model
-    assert set(record["heldout"]) == {"negated_review", "who_liked", "count_category", "longer_list", "same_category"}
+    assert set(record["heldout"]) == set(B.heldout_datasets())
     assert all(r["n"] == 8 for r in record["heldout"].values())
+    accuracy = {t: r["accuracy"] for t, r in record["heldout"].items()}
+    assert metrics["zero_shot_average"] == pytest.approx(statistics.mean(accuracy.values()))
+    for kind in B.TRANSFER_KINDS:  # each transfer group's average is over its own tasks
+        assert metrics[f"zero_shot_{kind}"] == pytest.approx(
+            statistics.mean(a for t, a in accuracy.items() if B.heldout_transfer()[t] == kind))
     assert record["versions"]["torch"] == torch.__version__ and "commit" in record["git"]
     assert record["params"]["adapter"] > 0 and (record["params"]["routing"] > 0) == (model not in ("lora", "tlora"))
     run_dir = Path(out["run_dir"])

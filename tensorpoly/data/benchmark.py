@@ -61,6 +61,20 @@ def heldout_datasets(root=BENCHMARK_DIR) -> list[str]:
     return sorted(n for n, s in benchmark_registry(str(root))["datasets"].items() if s["role"] == "heldout")
 
 
+TRANSFER_KINDS = ("composition", "rewording")
+
+
+def heldout_transfer(root=BENCHMARK_DIR) -> dict[str, str]:
+    """Held-out dataset -> the transfer it tests: composition (two training skills at once) or rewording
+    (one training skill in new words)."""
+    reg = benchmark_registry(str(root))
+    out = {n: s.get("transfer") for n, s in reg["datasets"].items() if s["role"] == "heldout"}
+    bad = {n: k for n, k in out.items() if k not in TRANSFER_KINDS}
+    if bad:
+        raise DataError(f"{Path(root) / 'registry.yaml'}: held-out dataset(s) {bad} need transfer: one of {TRANSFER_KINDS}")
+    return out
+
+
 def dataset_spec(name: str, root=BENCHMARK_DIR) -> dict:
     ds = benchmark_registry(str(root))["datasets"]
     if name not in ds:

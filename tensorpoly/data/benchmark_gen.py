@@ -2,8 +2,9 @@
 
 One small synthetic world (items in four categories, polarity adjectives, names, colours, numbers)
 supplies six primitive skills: polarity, category, order, count, lookup, negation. Training datasets
-exercise one skill each (two of them with a contrary twin); held-out datasets need two skills at
-once. The rationale is in data/README.md. Everything is drawn from `random.Random(seed)` streams
+exercise one skill each (two of them with a contrary twin); held-out datasets either need two skills at
+once (composition) or ask one trained skill in new words (rewording). The rationale is in
+data/README.md. Everything is drawn from `random.Random(seed)` streams
 derived from (seed, dataset, split) so one dataset can be regenerated without the others.
 """
 from __future__ import annotations
@@ -169,12 +170,39 @@ def gen_same_category(r):
     return {"item_a": a, "item_b": r.choice(pool), "name": r.choice(NAMES), "label": int(same)}
 
 
+# One held-out dataset per primitive skill, reworded: the raw rows of a training dataset (from the
+# held-out dataset's own random stream) under new templates. They test the transfer a small model can
+# show, a trained skill asked in new words; the datasets above test composition of two skills.
+def gen_enjoyed(r):
+    return gen_review(r)
+
+
+def gen_kind_of_thing(r):
+    return gen_topic(r)
+
+
+def gen_greater_number(r):
+    return gen_compare(r)
+
+
+def gen_tally(r):
+    return gen_count(r)
+
+
+def gen_color_of(r):
+    return gen_lookup(r)
+
+
+def gen_color_check(r):
+    return gen_negation(r)
+
+
 GENERATORS = {name[4:]: fn for name, fn in globals().items() if name.startswith("gen_")}
 
 
 def example_key(ex: dict) -> str:
-    """Identity of a raw example (label excluded), for de-duplication across splits."""
-    return repr(sorted((k, v) for k, v in ex.items() if k != "label"))
+    """Identity of a raw example (label and position excluded), for de-duplication across splits."""
+    return repr(sorted((k, v) for k, v in ex.items() if k not in ("label", "idx")))
 
 
 def generate(dataset: str, n: int, seed: int, split: str, exclude: set[str] | None = None) -> list[dict]:

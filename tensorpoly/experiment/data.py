@@ -38,10 +38,13 @@ def heldout_tasks(data_cfg, chosen="all") -> list[str]:
     wanted = data_cfg.heldout if chosen in (None, "all") else chosen
     if wanted in (None, "all"):
         return list(known)
+    if data_cfg.source == "benchmark" and wanted in B.TRANSFER_KINDS:
+        return [t for t, kind in B.heldout_transfer().items() if kind == wanted]
     wanted = [wanted] if isinstance(wanted, str) else list(wanted)
     unknown = [t for t in wanted if t not in known]
     if unknown:
-        raise DataError(f"unknown held-out task(s) {unknown} for data={data_cfg.name}; choose from {known}")
+        groups = f", or a group: {', '.join(B.TRANSFER_KINDS)}" if data_cfg.source == "benchmark" else ""
+        raise DataError(f"unknown held-out task(s) {unknown} for data={data_cfg.name}; choose from {known}{groups}")
     return wanted
 
 

@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from ..checkpoint import load_adapter
 from .data import check_available, heldout_tasks
-from .evaluation import evaluate_heldout
+from .evaluation import describe, evaluate_heldout, heldout_metrics
 from .results import write_result
 from .rundir import find_checkpoint, run_config_of
 from .setup import load_backbone, load_tokenizer
@@ -28,9 +28,9 @@ def run_evaluation(cfg) -> dict:
     method = model.config.module_type
     path = write_result(cfg.results_dir, "eval", f"{run_cfg.data.name}-{run_cfg.backbone.name}-{method}-"
                         f"{run_cfg.routing.granularity}-seed{run_cfg.seed}", cfg, method=method,
-                        metrics={"zero_shot_average": heldout["average"], "chance": heldout["chance"]},
+                        metrics=heldout_metrics(heldout),
                         heldout=heldout["tasks"], checkpoint=str(adapter_dir), train_config=OmegaConf.to_container(run_cfg, resolve=True),
                         params=model.parameter_counts())
-    log.info("zero-shot held-out accuracy %.3f (chance %.3f); result %s", heldout["average"], heldout["chance"], path)
+    log.info("%s; result %s", describe(heldout_metrics(heldout)), path)
     return {"result": str(path), "zero_shot_average": heldout["average"], "chance": heldout["chance"],
             "tasks": {t: r["accuracy"] for t, r in heldout["tasks"].items()}}

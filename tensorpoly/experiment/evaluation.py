@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import Collator
+from ..data import benchmark as B
 from ..scoring import choice_log_likelihoods
 from .data import eval_examples, tokenize
 from .losses import masked_choices
@@ -75,6 +76,31 @@ def evaluate_heldout(model, tokenizer, data_cfg, eval_cfg, tasks: list[str], tas
                         progress=f"eval {task}" if progress else None)
         results[task] = task_accuracy(examples, preds, eval_cfg.protocol)
     model.train(was_training)
+    out = summarize(results)
+    if data_cfg.source == "benchmark":
+        kinds = B.heldout_transfer()
+        out["groups"] = {kind: summarize({t: r for t, r in results.items() if kinds[t] == kind})
+                         for kind in B.TRANSFER_KINDS if any(kinds[t] == kind for t in results)}
+    return out
+
+
+def heldout_metrics(heldout: dict) -> dict:
+    """The flat numbers a results file and a log line carry: the average and chance over all held-out
+    tasks, and per transfer group (embedded benchmark: composition, rewording) its own pair."""
+    metrics = {"zero_shot_average": heldout["average"], "chance": heldout["chance"]}
+    for kind, group in heldout.get("groups", {}).items():
+        metrics[f"zero_shot_{kind}"], metrics[f"chance_{kind}"] = group["average"], group["chance"]
+    return metrics
+
+
+def describe(metrics: dict) -> str:
+    groups = [k.removeprefix("zero_shot_") for k in metrics if k.startswith("zero_shot_") and k != "zero_shot_average"]
+    parts = [f"{g} {metrics[f'zero_shot_{g}']:.3f} (chance {metrics[f'chance_{g}']:.3f})" for g in groups]
+    head = f"zero-shot held-out accuracy {metrics['zero_shot_average']:.3f} (chance {metrics['chance']:.3f})"
+    return head + (f"; {', '.join(parts)}" if parts else "")
+
+
+def summarize(results: dict) -> dict:
     return {"tasks": results,
             "average": statistics.mean(r["accuracy"] for r in results.values()),
             "chance": statistics.mean(r["chance"] for r in results.values())}

@@ -14,7 +14,7 @@ from ..checkpoint import save_adapter
 from ..data import Collator
 from .average_route import average_route_steps, check_average_route_prob
 from .data import heldout_tasks, tokenize, training_mixture
-from .evaluation import evaluate_heldout
+from .evaluation import describe, evaluate_heldout, heldout_metrics
 from .fit import fit, params_checksum
 from .losses import lm_loss
 from .optim import build_optimizer, build_scheduler, param_groups
@@ -158,16 +158,17 @@ def run_training(cfg) -> dict:
         metrics = {"train_loss": last.get("loss"), "val_loss_start": val_start, "val_loss": last.get("val_loss"), "steps": int(cfg.train.steps),
                    "resumed_from_step": start, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
                    "processes": accelerator.num_processes, "rank_param_max_diff": rank_diff,
-                   "zero_shot_average": heldout["average"], "chance": heldout["chance"]}
+                   **heldout_metrics(heldout)}
         path = write_result(cfg.results_dir, "train", run_name(cfg), cfg, method=cfg.model.module_type,
                             metrics=metrics, heldout=heldout["tasks"], params=inner.parameter_counts(),
                             history=history, run_dir=str(run_dir), adapter_dir=str(adapter_dir))
         tracker.summary({"zero_shot/average": heldout["average"],
+                         **{f"zero_shot/{kind}": g["average"] for kind, g in heldout.get("groups", {}).items()},
                          **{f"zero_shot/{t}": r["accuracy"] for t, r in heldout["tasks"].items()}})
         write_state(run_dir, status="finished", result=str(path), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
         summary.update(result=str(path), zero_shot_average=heldout["average"], chance=heldout["chance"],
                        rank_param_max_diff=rank_diff)
-        log.info("zero-shot held-out accuracy %.3f (chance %.3f); result %s", heldout["average"], heldout["chance"], path)
+        log.info("%s; result %s", describe(metrics), path)
     tracker.finish()
     accelerator.wait_for_everyone()
     return summary

@@ -34,11 +34,24 @@ class Table:
     bold: bool = True
 
 
-def task_cells(group: Group, tasks: list[str]) -> list[Cell]:
+def task_cells(group: Group, tasks: list[str], subsets: dict[str, list[str]] | None = None) -> list[Cell]:
+    """Per task, then the average of each subset (e.g. a transfer group), then the overall average."""
     cells = [Cell([s[t] for s in group.samples if t in s]) for t in tasks]
-    complete = [s for s in group.samples if all(t in s for t in tasks)]
-    cells.append(Cell([statistics.mean(s[t] for t in tasks) for s in complete]))
+    for subset in [*(subsets or {}).values(), tasks]:
+        complete = [s for s in group.samples if all(t in s for t in subset)]
+        cells.append(Cell([statistics.mean(s[t] for t in subset) for s in complete]))
     return cells
+
+
+def transfer_subsets(data: str, tasks: list[str]) -> dict[str, list[str]]:
+    """The embedded benchmark's held-out groups present among tasks ({} for other data)."""
+    if data != "benchmark":
+        return {}
+    from ..data.benchmark import TRANSFER_KINDS, heldout_transfer
+
+    kinds = heldout_transfer()
+    subsets = {kind: [t for t in tasks if kinds.get(t) == kind] for kind in TRANSFER_KINDS}
+    return {kind: ts for kind, ts in subsets.items() if ts} if len(tasks) > 1 else {}
 
 
 def method_order(method: str) -> int:
@@ -50,20 +63,30 @@ def main_tables(groups: list[Group], defaults: dict[str, dict]) -> list[Table]:
     tables = []
     for key in sorted({(g.kind, g.data, g.backbone) for g in groups}):
         members = [g for g in groups if (g.kind, g.data, g.backbone) == key and is_default(g, defaults)]
-        tasks = sorted({t for g in members for s in g.samples for t in s})
         if not members:
             continue
+        tasks, subsets = ordered_tasks(key[1], members)
+        columns = tasks + [f"{kind} avg" for kind in subsets] + ["average"]
         rows = []
         for method in sorted(set(METHODS) | {g.method for g in members}, key=method_order):
             found = [g for g in members if g.method == method]
             rows.append((METHODS.get(method, method),
-                         task_cells(found[0], tasks) if found else [Cell([]) for _ in range(len(tasks) + 1)]))
+                         task_cells(found[0], tasks, subsets) if found else [Cell([]) for _ in columns]))
         chance = {t: next(g.chance[t] for g in members if t in g.chance) for t in tasks}
-        rows.append(("chance", [Cell([chance[t]]) for t in tasks] + [Cell([statistics.mean(chance.values())])]))
+        rows.append(("chance", [Cell([chance[t]]) for t in tasks]
+                     + [Cell([statistics.mean(chance[t] for t in ts)]) for ts in [*subsets.values(), tasks]]))
         n = max(len(g.samples) for g in members)
-        tables.append(Table(f"{key[0]} accuracy, {key[1]} / {key[2]}", tasks + ["average"], rows,
+        tables.append(Table(f"{key[0]} accuracy, {key[1]} / {key[2]}", columns, rows,
                             note=f"accuracy (%), mean ± std over up to {n} samples (seeds); best mean per column in bold"))
     return tables
+
+
+def ordered_tasks(data: str, members: list[Group]) -> tuple[list[str], dict[str, list[str]]]:
+    """The tasks of the groups' samples, grouped by transfer kind where the data has kinds, and the kinds."""
+    tasks = sorted({t for g in members for s in g.samples for t in s})
+    subsets = transfer_subsets(data, tasks)
+    return ([t for ts in subsets.values() for t in ts] + [t for t in tasks if not any(t in ts for ts in subsets.values())]
+            if subsets else tasks), subsets
 
 
 def is_default(group: Group, defaults: dict[str, dict]) -> bool:
@@ -79,11 +102,12 @@ def ablation_tables(groups: list[Group], defaults: dict[str, dict]) -> list[Tabl
             values = {g.variant_value(key) for g in members}
             if len(values) < 2:
                 continue
-            tasks = sorted({t for g in members for s in g.samples for t in s})
-            rows = [(f"{key}={g.variant_value(key)}", task_cells(g, tasks))
+            tasks, subsets = ordered_tasks(data, members)
+            rows = [(f"{key}={g.variant_value(key)}", task_cells(g, tasks, subsets))
                     for g in sorted(members, key=lambda g: g.variant_value(key))]
             tables.append(Table(f"ablation: {METHODS.get(method, method)} {key}, {kind}, {data} / {backbone}",
-                                tasks + ["average"], rows, note="accuracy (%), mean ± std over samples"))
+                                tasks + [f"{k} avg" for k in subsets] + ["average"], rows,
+                                note="accuracy (%), mean ± std over samples"))
     return tables
 
 
