@@ -3,7 +3,9 @@ on the embedded benchmark and backbone, 3 seeds each; per run multi-task trainin
 accuracy) then few-shot fine-tuning of every held-out task (T-Few recipe, shrunk); then make_tables.
 
 Jobs run as independent processes (--workers, one CPU thread each) and write to results/reproduce/.
-A job whose results file exists is skipped, so an interrupted reproduction continues where it stopped.
+A job whose results files cover every held-out task is skipped, so an interrupted reproduction continues
+where it stopped; a finished run that lacks held-out tasks added since is evaluated (zero-shot, from its
+checkpoint) and fine-tuned on those tasks only.
 
     python scripts/reproduce.py                 # everything, 2 workers
     python scripts/reproduce.py --models lora tensorpoly1 --seeds 42 --workers 1
@@ -17,14 +19,29 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from tensorpoly.data import benchmark as B
+
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ["lora", "tlora", "poly", "mhr", "tensorpoly1", "tensorpoly2"]
 
 
+def records(results: Path, kind: str, model: str, seed: int) -> list[Path]:
+    return sorted((results / kind).glob(f"*-{model}-*-seed{seed}-*.json"))
+
+
 def done(results: Path, kind: str, model: str, seed: int) -> Path | None:
-    for path in sorted((results / kind).glob(f"*-{model}-*-seed{seed}-*.json")):
-        return path
-    return None
+    found = records(results, kind, model, seed)
+    return found[0] if found else None
+
+
+def missing_tasks(paths: list[Path]) -> list[str]:
+    """Held-out tasks of today's benchmark that none of these results files covers (tasks added since)."""
+    covered = {t for path in paths for t in json.loads(path.read_text())["heldout"]}
+    return [t for t in B.heldout_datasets() if t not in covered]
+
+
+def hydra_list(items: list[str]) -> str:
+    return "[" + ",".join(items) + "]"
 
 
 def run(cmd: list[str], log: Path) -> None:
@@ -42,11 +59,18 @@ def job(model: str, seed: int, args) -> str:
         run([sys.executable, "scripts/train.py", f"model={model}", f"seed={seed}", f"train={args.train}",
              f"results_dir={args.results}", "logger=disabled", *args.overrides], logs / f"train-{model}-{seed}.log")
         train = done(results, "train", model, seed)
-    if args.finetune and done(results, "finetune", model, seed) is None:
-        run_dir = json.loads(train.read_text())["run_dir"]
-        run([sys.executable, "scripts/finetune.py", f"checkpoint={run_dir}", f"finetune={args.finetune}",
-             f"finetune.seeds=[{seed}]", f"results_dir={args.results}", "logger=disabled"],
-            logs / f"finetune-{model}-{seed}.log")
+    record = json.loads(train.read_text())
+    # A run finished before held-out tasks were added: its checkpoint is evaluated on the new ones only.
+    evals = [p for p in records(results, "eval", model, seed) if json.loads(p.read_text())["checkpoint"] == record["adapter_dir"]]
+    todo = missing_tasks([train, *evals])
+    if todo:
+        run([sys.executable, "scripts/evaluate.py", f"checkpoint={record['adapter_dir']}", f"tasks={hydra_list(todo)}",
+             f"results_dir={args.results}", "logger=disabled"], logs / f"eval-{model}-{seed}.log")
+    todo = missing_tasks(records(results, "finetune", model, seed)) if args.finetune else []
+    if todo:
+        run([sys.executable, "scripts/finetune.py", f"checkpoint={record['run_dir']}", f"finetune={args.finetune}",
+             f"finetune.seeds=[{seed}]", f"finetune.tasks={hydra_list(todo)}", f"results_dir={args.results}",
+             "logger=disabled"], logs / f"finetune-{model}-{seed}-{len(todo)}tasks.log")
     return f"{model} seed {seed}: {time.perf_counter() - started:.0f} s"
 
 

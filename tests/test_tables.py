@@ -19,18 +19,19 @@ MODEL_DEFAULTS = {m: read_group_config("model", m) for m in available("model")}
 
 
 def write(root: Path, name: str, method: str, seed: int, accs: dict, kind: str = "train", data: str = "bench",
-          **model_overrides):
+          extra: dict | None = None, **model_overrides):
     model = {**MODEL_DEFAULTS[method], **model_overrides}
     cfg = {"seed": seed, "model": model, "data": {"name": data}, "backbone": {"name": "bb"},
            "routing": {"granularity": "finegrained"}}
-    if kind == "train":
+    if kind in ("train", "eval"):
         heldout = {t: {"accuracy": a, "chance": 0.5} for t, a in accs.items()}
     else:  # accs: {task: {seed: acc}}
         heldout = {t: {str(s): {"accuracy": a, "chance": 0.5} for s, a in runs.items()} for t, runs in accs.items()}
     record = {"format": "tensorpoly-result/1", "kind": kind, "config": cfg, "heldout": heldout,
               "params": {"adapter": 100 * (1 + len(method)), "routing": 10, "backbone": 10_000}}
-    if kind == "finetune":
+    if kind in ("finetune", "eval"):
         record["train_config"] = cfg
+    record.update(extra or {})
     (root / kind).mkdir(parents=True, exist_ok=True)
     (root / kind / f"{name}.json").write_text(json.dumps(record))
 
@@ -76,6 +77,21 @@ def test_embedded_benchmark_tables_average_each_transfer_group(tmp_path):
     assert lora[4].values == pytest.approx([0.8, 0.5])                    # rewording: per seed, mean of two tasks
     assert lora[5].values == pytest.approx([0.6, 0.4666666666666667])
     assert [c.mean for c in dict(table.rows)["chance"]][3:] == pytest.approx([0.5, 0.5, 0.5])
+
+
+def test_results_of_one_model_on_different_tasks_fill_one_sample(tmp_path):
+    root = tmp_path / "results"
+    run_a, run_b = str(tmp_path / "a" / "adapter"), str(tmp_path / "b" / "adapter")
+    write(root, "train-a", "lora", 1, {"alpha": 0.6}, extra={"adapter_dir": run_a})
+    write(root, "train-b", "lora", 2, {"alpha": 0.8}, extra={"adapter_dir": run_b})
+    write(root, "eval-a", "lora", 1, {"beta": 0.4}, kind="eval", extra={"checkpoint": run_a})
+    write(root, "ft-a1", "lora", 1, {"alpha": {42: 0.7}}, kind="finetune", extra={"checkpoint": run_a})
+    write(root, "ft-a2", "lora", 1, {"beta": {42: 0.9, 0: 0.5}}, kind="finetune", extra={"checkpoint": run_a})
+    groups = {g.kind: g for g in group_results(read_results(root))}
+    assert sorted(groups["zero-shot"].samples, key=len) == [{"alpha": 0.8}, {"alpha": 0.6, "beta": 0.4}]
+    assert sorted(groups["few-shot"].samples, key=len) == [{"beta": 0.5}, {"alpha": 0.7, "beta": 0.9}]
+    table = next(t for t in main_tables(list(groups.values()), MODEL_DEFAULTS) if t.title.startswith("zero-shot"))
+    assert dict(table.rows)["LoRA"][-1].values == pytest.approx([0.5])  # average: complete samples only
 
 
 def test_few_shot_cells_average_over_few_shot_seeds(results):

@@ -1,7 +1,9 @@
 """Read every results file under results/ into flat records the tables group and average.
 
 A sample is one evaluated model: a training run (zero-shot) or one (training run, few-shot seed) pair
-(few-shot). Cells average over samples: seeds of training runs, and few-shot seeds.
+(few-shot). Cells average over samples: seeds of training runs, and few-shot seeds. Results files that
+evaluate the same model on different tasks (a training run's own evaluation and a later `make eval` of
+its checkpoint on tasks added since) fill one sample.
 """
 from __future__ import annotations
 
@@ -59,8 +61,21 @@ def read_results(root: Path) -> list[dict]:
     return records
 
 
+def evaluated_model(record: dict) -> str:
+    """The checkpoint a results file evaluated (its own path when it names none)."""
+    return str(Path(record.get("adapter_dir") or record.get("checkpoint") or record["_path"]).resolve())
+
+
 def group_results(records: list[dict]) -> list[Group]:
     groups: dict[tuple, Group] = {}
+    samples: dict[tuple, dict] = {}  # (group key, evaluated model, few-shot seed) -> that sample
+
+    def sample(g: Group, key: tuple) -> dict:
+        if key not in samples:
+            samples[key] = {}
+            g.samples.append(samples[key])
+        return samples[key]
+
     for r in records:
         cfg = _train_config(r)
         model = cfg["model"]
@@ -71,11 +86,12 @@ def group_results(records: list[dict]) -> list[Group]:
         if r["kind"] == "finetune":
             seeds = sorted({s for runs in r["heldout"].values() for s in runs})
             for s in seeds:
-                g.samples.append({t: runs[s]["accuracy"] for t, runs in r["heldout"].items() if s in runs})
+                sample(g, (key, evaluated_model(r), s)).update(
+                    {t: runs[s]["accuracy"] for t, runs in r["heldout"].items() if s in runs})
             for t, runs in r["heldout"].items():
                 g.chance[t] = next(iter(runs.values()))["chance"]
         else:
-            g.samples.append({t: v["accuracy"] for t, v in r["heldout"].items()})
+            sample(g, (key, evaluated_model(r), None)).update({t: v["accuracy"] for t, v in r["heldout"].items()})
             g.chance.update({t: v["chance"] for t, v in r["heldout"].items()})
         g.params = r.get("params") or g.params
         if r.get("adapter_dir"):
