@@ -1,6 +1,7 @@
 """The embedded benchmark: shipped files = generator output, seeded determinism, design properties,
 and disjointness of the pretraining text from the evaluation data."""
 import json
+from collections import Counter
 
 import pytest
 
@@ -69,6 +70,16 @@ def test_heldout_tasks_compose_or_reword_training_skills():
         assert len(reg[d]["skills"]) == 1
         for t in B.templates(d):
             assert t._impl.jinja.split("|||")[0].strip() not in train_prompts, f"{d}/{t.name} repeats a training prompt"
+
+
+def test_heldout_labels_are_balanced_so_a_constant_answer_scores_chance():
+    # The reported chance level is 1 / choices; a skewed held-out task (like the training `negation`, 75% no)
+    # would let a model that only learnt the training majority pass for one that transfers.
+    for d in B.heldout_datasets():
+        rows = B.raw_heldout(d, "validation")
+        n_choices = B.dataset_spec(d)["n_choices"]
+        top = max(Counter(r["label"] for r in rows).values()) / len(rows)
+        assert top <= 1 / n_choices + 0.08, f"{d}: the most frequent answer is {top:.0%} of the examples"
 
 
 def test_heldout_groups_select_tasks_and_bad_names_say_the_groups():
