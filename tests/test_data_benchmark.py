@@ -72,6 +72,15 @@ def test_heldout_tasks_compose_or_reword_training_skills():
             assert t._impl.jinja.split("|||")[0].strip() not in train_prompts, f"{d}/{t.name} repeats a training prompt"
 
 
+def test_rewording_prompts_use_only_words_the_backbone_has_seen():
+    for d, kind in B.heldout_transfer().items():
+        if kind == "rewording":
+            assert not any(B.unseen_prompt_words(d).values()), (d, B.unseen_prompt_words(d))
+    # the check can fail: these composition prompts key on words the backbone never saw
+    assert B.unseen_prompt_words("longer_list")["which_longer"] == ["b", "longer"]
+    assert "who" in B.unseen_prompt_words("who_liked")["pleased"]
+
+
 def test_heldout_labels_are_balanced_so_a_constant_answer_scores_chance():
     # The reported chance level is 1 / choices; a skewed held-out task (like the training `negation`, 75% no)
     # would let a model that only learnt the training majority pass for one that transfers.

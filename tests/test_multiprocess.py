@@ -4,13 +4,17 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from experiment_helpers import QUICK, REPO_ROOT
 
 
-def test_two_process_torchrun_trains_and_agrees_across_ranks(tmp_path):
+@pytest.mark.parametrize("average_route_prob", [0.0, 0.5])  # 0.5: steps where the routers get no gradient
+def test_two_process_torchrun_trains_and_agrees_across_ranks(tmp_path, average_route_prob):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO_ROOT / "scripts" / "train.py"), *QUICK, "model=tensorpoly1", "train.steps=8",
+           f"train.average_route_prob={average_route_prob}",
            f"results_dir={tmp_path / 'results'}"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

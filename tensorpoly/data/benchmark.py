@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -150,6 +151,37 @@ def pretraining_text(seed: int | None = None, n_docs: int = 30000, root: Path = 
     any held-out example (checked, not assumed)."""
     gen = generate_all(seed, root)
     return G.pretraining_corpus(gen["seed"], n_docs, forbidden_strings(all_heldout_rows(gen)), kinds)
+
+
+BACKBONE_PRETRAINING_DOCS = 12000  # scripts/pretrain_backbone.py --n-docs: the shipped backbone's corpus
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
+def _prompt_words(template: PromptTemplate) -> set[str]:
+    """The words a template itself writes (prompt and answer choices), without the fields it fills in."""
+    impl = template._impl
+    fixed = re.sub(r"\{[{%].*?[%}]\}", " ", impl.jinja) + " " + re.sub(r"\{\{.*?\}\}", " ", impl.answer_choices or "")
+    return _words(fixed)
+
+
+@lru_cache(maxsize=1)
+def known_words(root: str = str(BENCHMARK_DIR)) -> frozenset[str]:
+    """Words the embedded backbone can have learnt: those of its pretraining text and of the training prompts."""
+    words = _words(" ".join(pretraining_text(n_docs=BACKBONE_PRETRAINING_DOCS, root=Path(root))))
+    for d in train_datasets(root):
+        for t in templates(d, root=root):
+            words |= _prompt_words(t)
+    return frozenset(words)
+
+
+def unseen_prompt_words(dataset: str, root=BENCHMARK_DIR) -> dict[str, list[str]]:
+    """Per original-task template of a held-out dataset, the words of its prompt that neither the pretraining
+    text nor any training prompt contains (their embeddings were never trained)."""
+    known = known_words(str(root))
+    return {t.name: sorted(_prompt_words(t) - known) for t in templates(dataset, original_only=True, root=root)}
 
 
 def _sha(path: Path) -> str:

@@ -6,7 +6,7 @@ import random
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
 
 from ..config import ConfigError
 
@@ -28,7 +28,12 @@ def make_accelerator(recipe) -> Accelerator:
     # optimizer-step count is ours, not the dataloader's.
     # cpu=True on GPU-less machines: without it Accelerate ignores torchrun's WORLD_SIZE and every
     # process would train alone (MULTI_CPU needs the flag).
-    return Accelerator(mixed_precision=mixed_precision(recipe.precision), cpu=not torch.cuda.is_available())
+    # Steps through the average router leave the routers' logits without a gradient, which DDP refuses
+    # unless told to look for unused parameters (a graph walk per step, so only when such steps exist).
+    unused = DistributedDataParallelKwargs(find_unused_parameters=True)
+    handlers = [unused] if float(recipe.get("average_route_prob") or 0) > 0 else []
+    return Accelerator(mixed_precision=mixed_precision(recipe.precision), cpu=not torch.cuda.is_available(),
+                       kwargs_handlers=handlers)
 
 
 def seed_everything(seed: int) -> None:
