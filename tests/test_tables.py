@@ -94,6 +94,15 @@ def test_results_of_one_model_on_different_tasks_fill_one_sample(tmp_path):
     assert dict(table.rows)["LoRA"][-1].values == pytest.approx([0.5])  # average: complete samples only
 
 
+def test_a_results_file_of_an_older_layout_is_skipped_with_a_warning(results):
+    old = {"format": "tensorpoly-result/1", "kind": "finetune", "heldout": {},
+           "train_config": {"model": "{'module_type': 'lora'}", "data": {}, "backbone": {}, "routing": {}}}
+    (results / "finetune" / "old.json").write_text(json.dumps(old))
+    with pytest.warns(UserWarning, match=r"old.json: its config's 'model' is str, not a mapping"):
+        records = read_results(results)
+    assert len(records) == 5 and not any(r["_path"].endswith("old.json") for r in records)
+
+
 def test_few_shot_cells_average_over_few_shot_seeds(results):
     groups = group_results(read_results(results))
     table = next(t for t in main_tables(groups, MODEL_DEFAULTS) if t.title.startswith("few-shot"))

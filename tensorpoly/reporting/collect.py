@@ -56,9 +56,24 @@ def read_results(root: Path) -> list[dict]:
             warnings.warn(f"skipping unreadable results file {path}: {exc}")
             continue
         if isinstance(record, dict) and record.get("format") == FORMAT and record.get("kind") in KINDS:
+            problem = config_problem(record)
+            if problem:
+                warnings.warn(f"skipping results file {path}: {problem} (written by an older version? rerun it)")
+                continue
             record["_path"] = str(path)
             records.append(record)
     return records
+
+
+def config_problem(record: dict) -> str | None:
+    """What keeps a results file out of the tables (None: nothing)."""
+    cfg = _train_config(record)
+    for key in ("model", "data", "backbone", "routing"):
+        if not isinstance(cfg.get(key), dict):
+            return f"its config's {key!r} is {type(cfg.get(key)).__name__}, not a mapping"
+    if "module_type" not in cfg["model"] or not isinstance(record.get("heldout"), dict):
+        return "it names no model.module_type or has no held-out results"
+    return None
 
 
 def evaluated_model(record: dict) -> str:
