@@ -3,6 +3,7 @@ few-shot seeds, ablations, LaTeX, and plots that are written and non-empty."""
 import json
 import statistics
 import subprocess
+import warnings
 import sys
 from pathlib import Path
 
@@ -101,6 +102,25 @@ def test_a_results_file_of_an_older_layout_is_skipped_with_a_warning(results):
     with pytest.warns(UserWarning, match=r"old.json: its config's 'model' is str, not a mapping"):
         records = read_results(results)
     assert len(records) == 5 and not any(r["_path"].endswith("old.json") for r in records)
+
+
+def test_runs_of_different_training_recipes_in_one_row_are_named_in_a_warning(tmp_path):
+    root = tmp_path / "results"
+    write(root, "short", "lora", 1, {"alpha": 0.6}, extra={"config": {"train": {"steps": 800, "threads": 1}}})
+    write(root, "long", "lora", 2, {"alpha": 0.8}, extra={"config": {"train": {"steps": 1500, "threads": 2}}})
+    write(root, "long2", "lora", 3, {"alpha": 0.7}, extra={"config": {"train": {"steps": 1500, "threads": 1}}})
+    for r in (root / "train").glob("*.json"):  # keep the rest of each file's config
+        rec = json.loads(r.read_text())
+        base = {"seed": 1, "model": MODEL_DEFAULTS["lora"], "data": {"name": "bench"}, "backbone": {"name": "bb"},
+                "routing": {"granularity": "finegrained"}}
+        rec["config"] = {**base, **rec["config"]}
+        r.write_text(json.dumps(rec))
+    with pytest.warns(UserWarning, match=r"LoRA \(zero-shot, bench / bb\) averages runs of 2 training recipes"):
+        group_results(read_results(root))
+    (root / "train" / "short.json").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # threads is bookkeeping: one recipe
+        group_results(read_results(root))
 
 
 def test_few_shot_cells_average_over_few_shot_seeds(results):

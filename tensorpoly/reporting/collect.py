@@ -81,8 +81,20 @@ def evaluated_model(record: dict) -> str:
     return str(Path(record.get("adapter_dir") or record.get("checkpoint") or record["_path"]).resolve())
 
 
+# Training settings that change what a run learns (not how it is logged or checkpointed).
+BOOKKEEPING = ("threads", "checkpoint_every", "log_every", "val_every", "val_batches", "precision")
+
+
+def recipe_of(record: dict) -> str:
+    train = _train_config(record).get("train")
+    if not isinstance(train, dict):
+        return ""
+    return json.dumps({k: v for k, v in train.items() if k not in BOOKKEEPING}, sort_keys=True)
+
+
 def group_results(records: list[dict]) -> list[Group]:
     groups: dict[tuple, Group] = {}
+    recipes: dict[tuple, dict[str, str]] = {}  # group key -> {recipe: one file that used it}
     samples: dict[tuple, dict] = {}  # (group key, evaluated model, few-shot seed) -> that sample
 
     def sample(g: Group, key: tuple) -> dict:
@@ -98,6 +110,7 @@ def group_results(records: list[dict]) -> list[Group]:
         key = (KINDS[r["kind"]], cfg["data"]["name"], cfg["backbone"]["name"], model["module_type"], variant,
                cfg["routing"]["granularity"])
         g = groups.setdefault(key, Group(*key))
+        recipes.setdefault(key, {}).setdefault(recipe_of(r), r["_path"])
         if r["kind"] == "finetune":
             seeds = sorted({s for runs in r["heldout"].values() for s in runs})
             for s in seeds:
@@ -111,4 +124,9 @@ def group_results(records: list[dict]) -> list[Group]:
         g.params = r.get("params") or g.params
         if r.get("adapter_dir"):
             g.adapter_dirs.append(r["adapter_dir"])
+    for key, seen in recipes.items():
+        if len(seen) > 1:
+            warnings.warn(f"{groups[key].label} ({key[0]}, {key[1]} / {key[2]}) averages runs of {len(seen)} training "
+                          f"recipes, e.g. {' and '.join(sorted(seen.values())[:2])}; give make_tables one recipe's "
+                          f"results (--results DIR, as make reproduce does)")
     return list(groups.values())
