@@ -7,8 +7,11 @@
 
 Rows: the frozen backbone (the floor: forward and backward through the frozen network, nothing
 to update), PEFT LoRA r16, our LoRA r16, TLoRA, PEFT Poly, our Poly, MHR, TensorPoly-I and -II at
-order 2 and 4, and the literal per-example TensorPoly-I/II (tensorpoly/per_example.py: the paper
-code's algorithm) as the anchor. Every batch mixes `distinct` different tasks.
+order 2 and 4, the same at order 4 with each layer finishing its own factors (whole_factors=False,
+the previous fast path: what building a layer group's factors all at once gains) and with the
+factors rebuilt in the backward pass (recompute_factors: what saving their memory costs), and the
+literal per-example TensorPoly-I/II (tensorpoly/per_example.py: the paper code's algorithm) as the
+anchor. Every batch mixes `distinct` different tasks.
 
 Per row: the training step (forward, backward, AdamW step, zero_grad) and the evaluation forward
 (no grad, teacher-forced, with labels), each the median of `steps` timed repetitions after `warmup`
@@ -80,6 +83,7 @@ class Variant:
     kind: str  # floor | peft_lora | peft_poly | ours | literal
     fields: dict = field(default_factory=dict)
     recompute: bool = False  # TaskRouting.recompute_factors: factors rebuilt in the backward pass
+    layerwise: bool = False  # TaskRouting.whole_factors=False: each layer finishes its own factors
     compile: str | None = None  # None (eager) | "factors" | "model": see --compile
 
     @property
@@ -111,6 +115,9 @@ def variants(mhr_heads: int) -> list[Variant]:
     for kind, label in (("tensorpoly1", "TensorPoly-I"), ("tensorpoly2", "TensorPoly-II")):
         for order in (2, 4):
             rows.append(Variant(f"{kind}_n{order}", label, "ours", dict(module_type=kind, order=order, **tp)))
+    for kind, label in (("tensorpoly1", "TensorPoly-I"), ("tensorpoly2", "TensorPoly-II")):
+        rows.append(Variant(f"{kind}_n4_layerwise", f"{label}, per-layer factor products", "ours",
+                            dict(module_type=kind, order=4, **tp), layerwise=True))
     for kind, label in (("tensorpoly1", "TensorPoly-I"), ("tensorpoly2", "TensorPoly-II")):
         rows.append(Variant(f"{kind}_n4_recompute", f"{label}, recompute_factors", "ours",
                             dict(module_type=kind, order=4, **tp), recompute=True))
@@ -264,6 +271,7 @@ def build(variant: Variant, config, preset: dict, tasks: list[str], seed: int):
     if variant.kind == "literal":
         per_example(model)
     model.task_routing.recompute_factors = variant.recompute
+    model.task_routing.whole_factors = not variant.layerwise
     ids_key = "task_ids" if routed else None
     return model, lambda b: model(input_ids=b["input_ids"], labels=b["labels"],
                                   task_ids=b[ids_key] if ids_key else None).loss

@@ -50,6 +50,10 @@ class TaskRouting:
         # Training: keep only the factors' small pieces for the backward pass and rebuild the factors
         # there (less memory, a little more time); False keeps the factors.
         self.recompute_factors = False
+        # True: a group builds every member's whole factors in batched operations; False: only small
+        # pieces, and each member finishes its own (TensorFactors.build_group). recompute_factors
+        # implies False in training. Kept switchable so that the benchmark can set the two side by side.
+        self.whole_factors = True
 
     # ---- grouped factors and the evaluation cache ------------------------------------------
     def register(self, adapter) -> None:
@@ -88,7 +92,10 @@ class TaskRouting:
         key = ("built", id(group), rows_key)
         built = self._cache.get(key)
         if built is None or built[index] is None:
-            built = self._cache[key] = group.build(ids)
+            # With recompute_factors only small pieces are built here (the factors are rebuilt from
+            # them in the backward pass); otherwise every member's factors at once.
+            whole = self.whole_factors and not (self.recompute_factors and torch.is_grad_enabled())
+            built = self._cache[key] = group.build(ids, whole)
         factors, built[index] = built[index], None
         return factors, inverse  # Factors: the member finishes them in its forward
 
@@ -183,13 +190,14 @@ class FactorGroup:
             rows = rows[torch.tensor(index, device=rows.device)]
         return Router.normalise(first.probabilities(rows))
 
-    def build(self, ids: torch.Tensor | None) -> list:
-        """Per member, its Factors (A [U, d_in, r], B [U, r, d_out]) for the task ids."""
+    def build(self, ids: torch.Tensor | None, whole: bool = True) -> list:
+        """Per member, its Factors (A [U, d_in, r], B [U, r, d_out]) for the task ids (whole: see
+        TensorFactors.build_group)."""
         members = self.members
         if len({(m.probe.dtype, m.probe.device) for m in members}) > 1:
             # Members on several devices (a model split over GPUs) or converted separately: no stacking.
             return [Factors(lambda m=m: m.factors(None if ids is None else m.router(ids)), ()) for m in members]
-        return type(members[0]).build_group(members, self.weights(ids))
+        return type(members[0]).build_group(members, self.weights(ids), whole)
 
     def fingerprint(self) -> tuple:
         """Changes whenever anything the factors depend on may have changed."""

@@ -208,8 +208,9 @@ def _kron_chain(factors: list[torch.Tensor], d: int | None = None) -> torch.Tens
 
 
 def mix_kron_chain(w: torch.Tensor, factors: list[torch.Tensor], d: int) -> torch.Tensor:
-    """sum_s w[u, s] kron_chain(factors[s])[:d] for experts' factors [S, r, len_i] and weights [U, S]
-    -> [U, r, d], without building the S experts' rows when there are two factors or more.
+    """sum_s w[*, u, s] kron_chain(factors[s])[:d] for experts' factors [*, S, r, len_i] and weights
+    [*, U, S] -> [*, U, r, d] (* : optional leading axes, e.g. the layers of a group), without
+    building the S experts' rows when there are two factors or more.
 
     The mixed row is, as a [p, q] matrix, sum_s w[u, s] P_s^T Q_s with P the first factor and Q the
     product of the others: one batched matmul over the rows, contracting the experts.
@@ -221,15 +222,16 @@ def mix_kron_chain(w: torch.Tensor, factors: list[torch.Tensor], d: int) -> torc
 
 def _mix_kron_chain(w: torch.Tensor, factors: list[torch.Tensor], d: int) -> torch.Tensor:
     if len(factors) == 1:
-        S, r, full = factors[0].shape
-        return torch.mm(w, factors[0].reshape(S, r * full)).view(-1, r, full)[..., :d]
-    Q = _kron_chain(factors[1:])  # [S, r, q]
-    S, r, q = Q.shape
-    P = factors[0][..., : math.ceil(d / q)]  # [S, r, p]: only these entries reach the first d
-    U, p = w.shape[0], P.shape[-1]
-    Pw = P.permute(1, 2, 0).unsqueeze(1) * w.view(1, U, 1, S)  # [r, U, p, S]
-    out = torch.bmm(Pw.reshape(r, U * p, S), Q.transpose(0, 1))  # [r, U p, q]
-    return out.view(r, U, p * q)[..., :d].transpose(0, 1)  # [U, r, d]
+        *lead, S, r, full = factors[0].shape
+        return torch.matmul(w, factors[0].reshape(*lead, S, r * full)).view(*lead, -1, r, full)[..., :d]
+    Q = _kron_chain(factors[1:])  # [*, S, r, q]
+    *lead, S, r, q = Q.shape
+    P = factors[0][..., : math.ceil(d / q)]  # [*, S, r, p]: only these entries reach the first d
+    U, p, n = w.shape[-2], P.shape[-1], math.prod(lead)
+    Pw = P.reshape(n, S, r, p).permute(0, 2, 3, 1).unsqueeze(2) * w.reshape(n, 1, U, 1, S)  # [n, r, U, p, S]
+    Qr = Q.reshape(n, S, r, q).transpose(1, 2).reshape(n * r, S, q)
+    out = torch.bmm(Pw.reshape(n * r, U * p, S), Qr)  # [n r, U p, q]
+    return out.view(*lead, r, U, p * q)[..., :d].transpose(-3, -2)  # [*, U, r, d]
 
 
 # ---- optional torch.compile of the factor construction ---------------------------------------------

@@ -15,9 +15,9 @@ def count_builds(monkeypatch):
     calls = []
     original = FactorGroup.build
 
-    def build(self, ids):
+    def build(self, ids, whole=True):
         calls.append(None if ids is None else ids.tolist())
-        return original(self, ids)
+        return original(self, ids, whole)
 
     monkeypatch.setattr(FactorGroup, "build", build)
     return calls

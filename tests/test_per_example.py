@@ -56,13 +56,19 @@ def assert_grads_equal(fast, literal):
         assert (got - want).abs().max().item() <= 1e-10 * max(scale, 1.0), name
 
 
-@pytest.mark.parametrize("recompute", [False, True], ids=["keep", "recompute"])
+# How a group builds its members' factors: all of them at once (the default), small pieces that each
+# layer finishes itself, or those pieces with the factors rebuilt in the backward pass.
+BUILDS = {"whole": dict(), "layerwise": dict(whole_factors=False), "recompute": dict(recompute_factors=True)}
+
+
+@pytest.mark.parametrize("build", sorted(BUILDS))
 @pytest.mark.parametrize("layout", sorted(TASK_IDS))
 @pytest.mark.parametrize("module_type,fields", CASES, ids=[f"{t}-{f}" for t, f in CASES])
-def test_fast_path_equals_literal_per_example(module_type, fields, layout, recompute):
+def test_fast_path_equals_literal_per_example(module_type, fields, layout, build):
     model = adapted(module_type, **fields).train()
     literal = per_example(copy.deepcopy(model))
-    model.task_routing.recompute_factors = recompute
+    for name, value in BUILDS[build].items():
+        setattr(model.task_routing, name, value)
     fast_logits, fast_grads = run(model, TASK_IDS[layout])
     literal_logits, literal_grads = run(literal, TASK_IDS[layout])
     torch.testing.assert_close(fast_logits, literal_logits, rtol=0, atol=1e-10)

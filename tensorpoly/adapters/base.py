@@ -90,9 +90,11 @@ class AdapterLinear(nn.Module):
         return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
 
     @classmethod
-    def build_group(cls, members: list["AdapterLinear"], weights: torch.Tensor | None) -> list["Factors"]:
-        """Per member, its Factors; here all of them from one batched group_factors call (the tensor
-        types override this and leave the large final products to each member)."""
+    def build_group(cls, members: list["AdapterLinear"], weights: torch.Tensor | None,
+                    whole: bool = True) -> list["Factors"]:
+        """Per member, its Factors; here all of them from one batched group_factors call. whole=False
+        asks for small pieces that each member finishes itself, when a type has such pieces (the
+        tensor types: see TensorFactors.build_group); others ignore it."""
         A, B = cls.group_factors(members, weights)
         return [Factors(factor_pair, pair) for pair in zip(A.unbind(0), B.unbind(0))]
 

@@ -24,6 +24,12 @@ class TensorPolyILinear(TensorFactors):
         return torch.einsum("us,srd->udr", w, A_experts), torch.einsum("us,srd->urd", w, B_experts)
 
     @classmethod
+    def group_rows(cls, members, side, d, weights):
+        w = weights[:, :, 0].to(members[0].leaves_A.dtype)  # [G, U, S]
+        leaves, norms = cls.stacked(members, side, lead=1)  # [G, N, S, r, l]
+        return mix_kron_chain(w, row_factors(leaves.transpose(1, 2), d, norms), d)
+
+    @classmethod
     def side_rows(cls, members, side, d, weights):
         w = weights[:, :, 0].to(members[0].leaves_A.dtype).unbind(0)  # [U, S] per member
 
@@ -54,13 +60,24 @@ class TensorPolyIILinear(TensorFactors):
         B = build_rows(mixed_B, self.out_features, self.norms_B)  # [U, r, d_out]
         return A.transpose(1, 2), B
 
-    @classmethod
-    def side_rows(cls, members, side, d, weights):
+    @staticmethod
+    def mixed_leaves(members, side, weights):
+        """Every member's leaves of one side mixed per task, [G, U, N, r, l], and its stacked norms."""
         G, U, N, S = weights.shape
         w = weights.to(members[0].leaves_A.dtype).transpose(1, 2).reshape(G * N, U, S)
-        leaves, norms = cls.stacked(members, side, lead=1)  # [G, N, S, r, l]
+        leaves, norms = TensorFactors.stacked(members, side, lead=1)  # [G, N, S, r, l]
         r, leaf = leaves.shape[-2:]
         mixed = torch.bmm(w, leaves.reshape(G * N, S, r * leaf)).view(G, N, U, r, leaf).transpose(1, 2)
+        return mixed, norms
+
+    @classmethod
+    def group_rows(cls, members, side, d, weights):
+        mixed, norms = cls.mixed_leaves(members, side, weights)
+        return build_rows(mixed, d, norms)
+
+    @classmethod
+    def side_rows(cls, members, side, d, weights):
+        mixed, norms = cls.mixed_leaves(members, side, weights)
         if members[0].order < GROUP_PAIRS_FROM_ORDER:
             return [(lambda x, norms=getattr(m, f"norms_{side}"): build_rows(x, d, norms), (x,))
                     for m, x in zip(members, mixed.unbind(0))]

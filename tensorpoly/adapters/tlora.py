@@ -13,7 +13,7 @@ from torch import nn
 from ..config import AdapterConfig
 from ..tensor_product import (StackedNorms, build_rows, kron_chain, leaf_length, make_pair_norms,
                               norm_signature, row_factors)
-from .base import AdapterLinear, Factors, paper_uniform_
+from .base import AdapterLinear, Factors, factor_pair, paper_uniform_
 
 
 class TensorFactors(AdapterLinear):
@@ -70,19 +70,34 @@ class TensorFactors(AdapterLinear):
         return leaves, norms
 
     @classmethod
-    def build_group(cls, members, weights):
-        """Per member, a function that returns its factors (A [U, d_in, r], B [U, r, d_out]).
+    def build_group(cls, members, weights, whole: bool = True):
+        """Per member, its Factors (A [U, d_in, r], B [U, r, d_out]).
 
-        Built for the whole group at once: routing, mixed leaves (TensorPoly-II) and, from order 3
-        on, the normalised leaf pairs (order 4: l^2 ~ sqrt(d) entries a row). Left to each member's
-        own forward: what is as large as the factors, the final product (and TensorPoly-I's
-        mixing); for orders 1 and 2 the pair is the row itself, so the member builds it all.
+        whole=True: every member's factors are built at once, in a few batched operations over the
+        group's stacked leaves (for a T5 tens of layers), and each member gets views of them; the
+        backward pass runs through the same batched operations. Per-layer work is what made the
+        routed tensor types slower than LoRA on a CPU: a few small operations and their autograd
+        nodes per layer, each with a fixed cost much larger than its arithmetic.
+
+        whole=False (recompute_factors in training): only what is much smaller than the factors is
+        built for the group (routing, mixed leaves, from order 3 on the normalised leaf pairs); each
+        member finishes its own factors from those pieces in its forward pass, so that the backward
+        pass can rebuild them from the pieces instead of keeping them.
         """
         first = members[0]
+        if whole:
+            A = cls.group_rows(members, "A", first.in_features, weights)  # [G, U, r, d_in]
+            B = cls.group_rows(members, "B", first.out_features, weights)  # [G, U, r, d_out]
+            return [Factors(factor_pair, (a.transpose(-1, -2), b)) for a, b in zip(A.unbind(0), B.unbind(0))]
         A = cls.side_rows(members, "A", first.in_features, weights)
         B = cls.side_rows(members, "B", first.out_features, weights)
         return [Factors(both_sides(make_A, len(pieces_A), make_B), (*pieces_A, *pieces_B))
                 for (make_A, pieces_A), (make_B, pieces_B) in zip(A, B)]
+
+    @classmethod
+    def group_rows(cls, members, side: str, d: int, weights) -> torch.Tensor:
+        """The rows [G, U, r, d] of one factor side of every member (U = 1 if dense)."""
+        raise NotImplementedError
 
     @classmethod
     def side_rows(cls, members, side: str, d: int, weights) -> list[tuple]:
@@ -121,6 +136,11 @@ class TLoRALinear(TensorFactors):
         A = build_rows(self.leaves_A, self.in_features, self.norms_A)  # [r, d_in]
         B = build_rows(self.leaves_B, self.out_features, self.norms_B)  # [r, d_out]
         return A.T.unsqueeze(0), B.unsqueeze(0)
+
+    @classmethod
+    def group_rows(cls, members, side, d, weights):
+        leaves, norms = cls.stacked(members, side, lead=0)  # [G, N, r, l]
+        return build_rows(leaves, d, norms).unsqueeze(1)
 
     @classmethod
     def side_rows(cls, members, side, d, weights):
