@@ -131,7 +131,7 @@ def kron_rows(a: torch.Tensor, b: torch.Tensor, keep: int | None = None) -> torc
         # Entries past `keep` only come from rows of `a` past ceil(keep / q): drop them first.
         a = a[..., : math.ceil(keep / b.shape[-1])]
     out = (a.unsqueeze(-1) * b.unsqueeze(-2)).flatten(-2)
-    return out if keep is None else out[..., :keep]
+    return out if keep is None or out.shape[-1] <= keep else out[..., :keep]
 
 
 def entries_reaching_output(lengths: list[int], p: int, d: int) -> int:
@@ -204,7 +204,8 @@ def _kron_chain(factors: list[torch.Tensor], d: int | None = None) -> torch.Tens
         later //= f.shape[-1]
         # Only the first ceil(d / later) entries of the product with f can reach the first d.
         out = kron_rows(out, f, keep=None if d is None else math.ceil(d / later))
-    return out if d is None else out[..., :d]
+    # A slice, even one that keeps everything, costs a zero-filled copy of the gradient.
+    return out if d is None or out.shape[-1] <= d else out[..., :d]
 
 
 def mix_kron_chain(w: torch.Tensor, factors: list[torch.Tensor], d: int) -> torch.Tensor:

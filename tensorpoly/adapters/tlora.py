@@ -73,11 +73,14 @@ class TensorFactors(AdapterLinear):
     def build_group(cls, members, weights, whole: bool = True):
         """Per member, its Factors (A [U, d_in, r], B [U, r, d_out]).
 
-        whole=True: every member's factors are built at once, in a few batched operations over the
-        group's stacked leaves (for a T5 tens of layers), and each member gets views of them; the
-        backward pass runs through the same batched operations. Per-layer work is what made the
-        routed tensor types slower than LoRA on a CPU: a few small operations and their autograd
-        nodes per layer, each with a fixed cost much larger than its arithmetic.
+        whole=True, from order 3 on: every member's factors are built at once, in a few batched
+        operations over the group's stacked leaves (for a T5 tens of layers), and each member gets
+        views of them; the backward pass runs through the same batched operations. Per-layer work
+        is what made the routed tensor types slower than LoRA on a CPU: a few small operations and
+        their autograd nodes per layer, each with a fixed cost much larger than its arithmetic.
+        Below order 3 the leaf pair is the whole row and its LayerNorm runs over row-sized tensors
+        (TensorPoly-I: every expert's rows), so the group's temporaries would be tens of MB; there,
+        as for whole=False, each member builds its own (measured: scripts/bench_adapters.py).
 
         whole=False (recompute_factors in training): only what is much smaller than the factors is
         built for the group (routing, mixed leaves, from order 3 on the normalised leaf pairs); each
@@ -85,7 +88,7 @@ class TensorFactors(AdapterLinear):
         pass can rebuild them from the pieces instead of keeping them.
         """
         first = members[0]
-        if whole:
+        if whole and first.order >= GROUP_PAIRS_FROM_ORDER:
             A = cls.group_rows(members, "A", first.in_features, weights)  # [G, U, r, d_in]
             B = cls.group_rows(members, "B", first.out_features, weights)  # [G, U, r, d_out]
             return [Factors(factor_pair, (a.transpose(-1, -2), b)) for a, b in zip(A.unbind(0), B.unbind(0))]
