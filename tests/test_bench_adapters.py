@@ -38,3 +38,26 @@ def test_bench_writes_json_and_markdown(tmp_path):
     assert table.count("\n| ") == len(names) + 1  # header + one line per row (the separator starts with |-)
     profile = (tmp_path / "tiny_profile.md").read_text()
     assert profile.count("### ") == len(names) and "autograd nodes" in profile
+
+
+def test_bench_history_tabulates_runs(tmp_path, capsys):
+    import bench_history
+
+    threads = torch.get_num_threads()
+    try:
+        for run in ("a", "b"):
+            out = tmp_path / run
+            assert bench_adapters.main(["--preset", "tiny", "--out", str(out), "--only", "tensorpoly1_n4"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    runs = [tmp_path / "a" / "tiny.json", tmp_path / "b" / "tiny.json"]
+    capsys.readouterr()  # the benchmark's own tables
+    assert bench_history.main([str(p) for p in runs]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| variant | tiny | tiny |" and len(lines) == 2 + 3  # floor, LoRA, TensorPoly-I
+    result = json.loads(runs[0].read_text())
+    row = next(r for r in result["rows"] if r["name"] == "tensorpoly1_n4")
+    assert f"{row['train_x_lora']:.3f} / " in next(line for line in lines if line.startswith("| TensorPoly-I"))
+    lora = next(line for line in lines if line.startswith("| LoRA (ours)"))
+    assert lora.count("1.000 / 1.000") == 2  # LoRA against itself, both estimates, both runs
+    assert bench_history.main([str(tmp_path / "missing.json")]) == 2
