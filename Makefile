@@ -7,7 +7,7 @@ N_TASKS ?= 313
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: help setup test test-slow params data benchmark backbone train eval finetune sweep bench tables reproduce
+.PHONY: help setup test test-slow params data benchmark backbone train eval finetune sweep bench bench-memory tables reproduce
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -57,6 +57,9 @@ sweep: $(STAMP)  ## Hydra multirun over models and seeds: make sweep [MODELS=lor
 
 bench: $(STAMP)  ## adapter speed/memory side by side: make bench [ARGS="--preset cpu"]
 	$(PY) scripts/bench_adapters.py $(ARGS)
+
+bench-memory: $(STAMP)  ## peak memory on the gpu preset's T5-XL shapes, from small depths on this CPU: [ARGS="--layers 1,2,3"]
+	$(PY) scripts/bench_memory.py $(ARGS)
 
 tables: $(STAMP)  ## the paper's tables (results/tables/) and plots (results/plots/) from every results file under results/
 	$(PY) scripts/make_tables.py

@@ -61,3 +61,46 @@ def test_bench_history_tabulates_runs(tmp_path, capsys):
     lora = next(line for line in lines if line.startswith("| LoRA (ours)"))
     assert lora.count("1.000 / 1.000") == 2  # LoRA against itself, both estimates, both runs
     assert bench_history.main([str(tmp_path / "missing.json")]) == 2
+
+
+def test_bench_memory_fits_and_extrapolates(tmp_path):
+    import numpy as np
+
+    import bench_memory
+
+    xs, ys = [1, 2, 4], [10.0, 13.5, 19.0]
+    a, b, residual = bench_memory.fit_line(xs, ys)
+    slope, intercept = np.polyfit(xs, ys, 1)
+    assert abs(a - intercept) < 1e-9 and abs(b - slope) < 1e-9
+    assert abs(residual - np.abs(np.polyval([slope, intercept], xs) - ys).max()) < 1e-9
+
+    threads = torch.get_num_threads()
+    try:
+        assert bench_memory.main(["--preset", "tiny", "--layers", "1,2,3", "--only", "tensorpoly1_n4",
+                                  "--threads", "1", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads((tmp_path / "tiny_memory.json").read_text())
+    assert [row["name"] for row in result["rows"]] == ["lora_r16", "tensorpoly1_n4"]
+    for row in result["rows"]:
+        assert len(row["peak_bytes"]) == 3 and all(p > 0 for p in row["peak_bytes"])
+        # The tiny backbone has 2+2 layers, one of the measured depths: the line passes near it.
+        assert abs(row["extrapolated"] - row["peak_bytes"][1]) <= row["residual"] + 1
+        assert row["slope"] > 0  # deeper models hold more
+    lora, tp = result["rows"]
+    assert lora["x_lora"] == 1.0 and tp["x_lora"] == tp["extrapolated"] / lora["extrapolated"]
+    assert (tmp_path / "tiny_memory.md").read_text().count("\n| ") == 3
+
+
+def test_bench_memory_rejects_bad_arguments(tmp_path, capsys):
+    import bench_memory
+
+    assert bench_memory.main(["--preset", "tiny", "--layers", "2", "--out", str(tmp_path)]) == 2
+    assert "at least two distinct counts" in capsys.readouterr().err
+    assert bench_memory.main(["--preset", "tiny", "--layers", "1,x", "--out", str(tmp_path)]) == 2
+    assert "'1,x'" in capsys.readouterr().err
+    assert bench_memory.main(["--preset", "tiny", "--dtype", "float33", "--out", str(tmp_path)]) == 2
+    assert "float33" in capsys.readouterr().err
+    assert bench_memory.main(["--preset", "tiny", "--only", "nope", "--out", str(tmp_path)]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written
