@@ -122,9 +122,6 @@ def variants(mhr_heads: int) -> list[Variant]:
         rows.append(Variant(f"{kind}_n4_recompute", f"{label}, recompute_factors", "ours",
                             dict(module_type=kind, order=4, **tp), recompute=True))
     for kind, label in (("tensorpoly1", "TensorPoly-I"), ("tensorpoly2", "TensorPoly-II")):
-        rows.append(Variant(f"{kind}_n4_recompute_layerwise", f"{label}, recompute_factors, per-layer forward", "ours",
-                            dict(module_type=kind, order=4, **tp), recompute=True, layerwise=True))
-    for kind, label in (("tensorpoly1", "TensorPoly-I"), ("tensorpoly2", "TensorPoly-II")):
         for order in (2, 4):
             rows.append(Variant(f"literal_{kind}_n{order}", f"{label}, literal per-example", "literal",
                                 dict(module_type=kind, order=order, **tp)))

@@ -51,9 +51,8 @@ class TaskRouting:
         # there (less memory, a little more time); False keeps the factors.
         self.recompute_factors = False
         # True: a group builds every member's whole factors in batched operations; False: only small
-        # pieces, and each member finishes its own (TensorFactors.build_group). With recompute_factors
-        # in training, True builds the forward pass's factors in batch (no graph) and the backward pass
-        # rebuilds each member's from its pieces. Switchable so that the benchmark can set both side by side.
+        # pieces, and each member finishes its own (TensorFactors.build_group). recompute_factors
+        # implies False in training. Kept switchable so that the benchmark can set the two side by side.
         self.whole_factors = True
 
     # ---- grouped factors and the evaluation cache ------------------------------------------
@@ -95,15 +94,8 @@ class TaskRouting:
         if built is None or built[index] is None:
             # With recompute_factors only small pieces are built here (the factors are rebuilt from
             # them in the backward pass); otherwise every member's factors at once.
-            recompute = self.recompute_factors and torch.is_grad_enabled()
-            built = self._cache[key] = group.build(ids, self.whole_factors and not recompute)
-            if recompute and self.whole_factors and cacheable and group.batches_whole():
-                # The forward pass still takes the factors from one batched build (no graph); only
-                # the backward pass rebuilds each member's own from its pieces. Not with sampled
-                # routing: a second build would draw other weights than the pieces'.
-                with torch.no_grad():
-                    for factors, values in zip(built, group.build(ids, whole=True)):
-                        factors.values = values.materialize()
+            whole = self.whole_factors and not (self.recompute_factors and torch.is_grad_enabled())
+            built = self._cache[key] = group.build(ids, whole)
         factors, built[index] = built[index], None
         return factors, inverse  # Factors: the member finishes them in its forward
 
@@ -206,10 +198,6 @@ class FactorGroup:
             # Members on several devices (a model split over GPUs) or converted separately: no stacking.
             return [Factors(lambda m=m: m.factors(None if ids is None else m.router(ids)), ()) for m in members]
         return type(members[0]).build_group(members, self.weights(ids), whole)
-
-    def batches_whole(self) -> bool:
-        members = self.members
-        return len({(m.probe.dtype, m.probe.device) for m in members}) == 1 and type(members[0]).batches_whole(members)
 
     def fingerprint(self) -> tuple:
         """Changes whenever anything the factors depend on may have changed."""

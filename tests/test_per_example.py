@@ -57,10 +57,8 @@ def assert_grads_equal(fast, literal):
 
 
 # How a group builds its members' factors: all of them at once (the default), small pieces that each
-# layer finishes itself, or those pieces with the factors rebuilt in the backward pass (the forward
-# pass's factors from the batched build, or from each layer's pieces too).
-BUILDS = {"whole": dict(), "layerwise": dict(whole_factors=False), "recompute": dict(recompute_factors=True),
-          "recompute-layerwise": dict(recompute_factors=True, whole_factors=False)}
+# layer finishes itself, or those pieces with the factors rebuilt in the backward pass.
+BUILDS = {"whole": dict(), "layerwise": dict(whole_factors=False), "recompute": dict(recompute_factors=True)}
 
 
 @pytest.mark.parametrize("build", sorted(BUILDS))
@@ -121,35 +119,3 @@ def test_stochastic_routing_trains_through_the_groups():
     model(input_ids=input_ids, labels=labels, task_ids=torch.tensor([1, 1, 2, 0])).loss.backward()
     roles = model.parameter_roles()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in roles["adapter"] + roles["router"])
-
-
-@pytest.mark.parametrize("order,relaxed,batched", [(4, False, True), (3, False, True), (2, False, False),
-                                                   (4, True, False)])
-def test_recompute_forward_takes_the_batched_build(monkeypatch, order, relaxed, batched):
-    """With recompute_factors, a layer's forward pass uses factors from the group's batched build where
-    there is one (order >= 3) and routing is not sampled; its backward pass rebuilds them from pieces."""
-    from tensorpoly.task_routing import TaskRouting
-
-    model = adapted("tensorpoly1", order=order, relaxed_bernoulli=relaxed).train()
-    model.task_routing.recompute_factors = True
-    seen = []
-    original = TaskRouting.factors
-
-    def spy(self, adapter, n_rows):
-        factors, inverse = original(self, adapter, n_rows)
-        seen.append(factors)
-        return factors, inverse
-
-    monkeypatch.setattr(TaskRouting, "factors", spy)
-    input_ids, labels = batch(3)
-    model(input_ids=input_ids, labels=labels, task_ids=torch.tensor([0, 2, 2])).loss.backward()
-    assert len(seen) == len(list(model.adapters()))
-    assert all((f.values is not None) == batched for f in seen)
-    if batched:
-        # The batched values equal what the layer's pieces make (no graph kept with them).
-        for f in seen[:3]:
-            with torch.no_grad():
-                A, B = f.make(*f.pieces)
-            torch.testing.assert_close(f.values[0], A, rtol=0, atol=1e-12)
-            torch.testing.assert_close(f.values[1], B, rtol=0, atol=1e-12)
-            assert not f.values[0].requires_grad

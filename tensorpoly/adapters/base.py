@@ -90,12 +90,6 @@ class AdapterLinear(nn.Module):
         return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
 
     @classmethod
-    def batches_whole(cls, members: list["AdapterLinear"]) -> bool:
-        """Whether build_group(whole=True) builds members' factors in batched operations that
-        whole=False leaves to each member (then a recompute_factors forward pass uses the former)."""
-        return False
-
-    @classmethod
     def build_group(cls, members: list["AdapterLinear"], weights: torch.Tensor | None,
                     whole: bool = True) -> list["Factors"]:
         """Per member, its Factors; here all of them from one batched group_factors call. whole=False
@@ -122,12 +116,11 @@ class AdapterLinear(nn.Module):
             if isinstance(factors, Factors):
                 if routing.recompute_factors and torch.is_grad_enabled():
                     # Kept for the backward pass: the pieces only; the factors are rebuilt from them.
-                    return TaskLowRank.apply(x, out, inverse, self.rank, factors.make, factors.values,
-                                             *factors.pieces)
+                    return TaskLowRank.apply(x, out, inverse, self.rank, factors.make, *factors.pieces)
                 A, B = factors.materialize()
                 if inverse is not None and torch.is_grad_enabled():
                     # Kept: the task factors, not copies gathered per row as autograd would keep.
-                    return TaskLowRank.apply(x, out, inverse, self.rank, None, None, A, B)
+                    return TaskLowRank.apply(x, out, inverse, self.rank, None, A, B)
             else:
                 A, B = factors
         else:
@@ -143,14 +136,12 @@ class AdapterLinear(nn.Module):
 
 class Factors:
     """A layer's factors as `make(*pieces)` -> (A [U, d_in, r], B [U, r, d_out]): the pieces are what the
-    group built for it (small tensors, or the factors themselves), make finishes them. `values`, if set,
-    are those factors already built without a graph (by the group's batched build), for a forward pass
-    that rebuilds them from the pieces only in its backward pass (recompute_factors)."""
+    group built for it (small tensors, or the factors themselves), make finishes them."""
 
-    __slots__ = ("make", "pieces", "values")
+    __slots__ = ("make", "pieces")
 
-    def __init__(self, make, pieces: tuple, values: tuple | None = None):
-        self.make, self.pieces, self.values = make, tuple(pieces), values
+    def __init__(self, make, pieces: tuple):
+        self.make, self.pieces = make, tuple(pieces)
 
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.make(*self.pieces)
@@ -165,13 +156,12 @@ class TaskLowRank(torch.autograd.Function):
     the rank-r intermediate and the pieces: never the per-row gathered factors, and with `make`
     given, not the factors either (they are rebuilt from the pieces in the backward pass).
 
-    apply(x, out, inverse, rank, make, values, *pieces): make(*pieces) -> (A, B); make=None: pieces are
-    (A, B). values: (A, B) equal to make(*pieces), already built (the forward pass then skips make).
+    apply(x, out, inverse, rank, make, *pieces): make(*pieces) -> (A, B); make=None: pieces are (A, B).
     """
 
     @staticmethod
-    def forward(ctx, x, out, inverse, rank, make, values, *pieces):
-        A, B = values if values is not None else make(*pieces) if make is not None else pieces
+    def forward(ctx, x, out, inverse, rank, make, *pieces):
+        A, B = make(*pieces) if make is not None else pieces
         A, B = A.to(x.dtype), B.to(x.dtype)
         y, h = low_rank_forward(x, out, A, B, inverse, rank)
         ctx.rank, ctx.make, ctx.inverse = rank, make, inverse
@@ -188,7 +178,7 @@ class TaskLowRank(torch.autograd.Function):
             A, B = pieces
         else:
             with torch.enable_grad():
-                inputs = [p.detach().requires_grad_(need) for p, need in zip(pieces, needs[6:])]
+                inputs = [p.detach().requires_grad_(need) for p, need in zip(pieces, needs[5:])]
                 A, B = ctx.make(*inputs)
         grad_x, grad_A, grad_B = low_rank_backward(grad_y, x, h, A.to(x.dtype), B.to(x.dtype), ctx.inverse, ctx.rank,
                                                    needs[0])
@@ -202,7 +192,7 @@ class TaskLowRank(torch.autograd.Function):
             if outputs:
                 torch.autograd.backward([t for t, _ in outputs], [g for _, g in outputs])
             grads = tuple(p.grad if p.requires_grad else None for p in inputs)
-        return (grad_x, grad_y, None, None, None, None) + tuple(grads)
+        return (grad_x, grad_y, None, None, None) + tuple(grads)
 
 
 def low_rank_forward(x, out, A, B, inverse, rank):

@@ -88,7 +88,7 @@ class TensorFactors(AdapterLinear):
         pass can rebuild them from the pieces instead of keeping them.
         """
         first = members[0]
-        if whole and cls.batches_whole(members):
+        if whole and first.order >= GROUP_PAIRS_FROM_ORDER:
             A = cls.group_rows(members, "A", first.in_features, weights)  # [G, U, r, d_in]
             B = cls.group_rows(members, "B", first.out_features, weights)  # [G, U, r, d_out]
             return [Factors(factor_pair, (a.transpose(-1, -2), b)) for a, b in zip(A.unbind(0), B.unbind(0))]
@@ -96,10 +96,6 @@ class TensorFactors(AdapterLinear):
         B = cls.side_rows(members, "B", first.out_features, weights)
         return [Factors(both_sides(make_A, len(pieces_A), make_B), (*pieces_A, *pieces_B))
                 for (make_A, pieces_A), (make_B, pieces_B) in zip(A, B)]
-
-    @classmethod
-    def batches_whole(cls, members) -> bool:
-        return members[0].order >= GROUP_PAIRS_FROM_ORDER
 
     @classmethod
     def group_rows(cls, members, side: str, d: int, weights) -> torch.Tensor:
