@@ -144,18 +144,19 @@ def entries_reaching_output(lengths: list[int], p: int, d: int) -> int:
     return min(lengths[p], math.ceil(d / later))
 
 
-def build_rows(leaves: torch.Tensor, d: int, norms) -> torch.Tensor:
+def build_rows(leaves: torch.Tensor, d: int, norms, cut: bool = True) -> torch.Tensor:
     """Factor rows from leaves [..., N, r, l] -> [..., r, d].
 
     `norms` holds one PairNorm per leaf pair, one shared by all pairs, or none (or a StackedNorms).
+    cut=False: [..., r, L >= d], the rows before their cut to d (see kron_chain).
     """
     if _COMPILE.enabled:
-        return _compiled("build_rows")(leaves, d, norm_specs(norms))
-    return _build_rows(leaves, d, norm_specs(norms))
+        return _compiled("build_rows")(leaves, d, norm_specs(norms), cut)
+    return _build_rows(leaves, d, norm_specs(norms), cut)
 
 
-def _build_rows(leaves: torch.Tensor, d: int, specs: tuple) -> torch.Tensor:
-    return _kron_chain(_row_factors(leaves, d, specs), d)
+def _build_rows(leaves: torch.Tensor, d: int, specs: tuple, cut: bool = True) -> torch.Tensor:
+    return _kron_chain(_row_factors(leaves, d, specs), d, cut)
 
 
 def row_factors(leaves: torch.Tensor, d: int, norms) -> list[torch.Tensor]:
@@ -190,14 +191,17 @@ def _row_factors(leaves: torch.Tensor, d: int, specs: tuple) -> list[torch.Tenso
     return factors
 
 
-def kron_chain(factors: list[torch.Tensor], d: int | None = None) -> torch.Tensor:
-    """Row-wise Kronecker product of factors [..., r, len_i], cut to its first d entries (None: all)."""
+def kron_chain(factors: list[torch.Tensor], d: int | None = None, cut: bool = True) -> torch.Tensor:
+    """Row-wise Kronecker product of factors [..., r, len_i], cut to its first d entries (None: all).
+
+    cut=False leaves the last cut to the caller: the entries that cannot reach the first d are still
+    never computed, but the result may be longer than d (its first d entries are the product's)."""
     if _COMPILE.enabled:
-        return _compiled("kron_chain")(list(factors), d)
-    return _kron_chain(factors, d)
+        return _compiled("kron_chain")(list(factors), d, cut)
+    return _kron_chain(factors, d, cut)
 
 
-def _kron_chain(factors: list[torch.Tensor], d: int | None = None) -> torch.Tensor:
+def _kron_chain(factors: list[torch.Tensor], d: int | None = None, cut: bool = True) -> torch.Tensor:
     out = factors[0]
     later = math.prod([f.shape[-1] for f in factors[1:]])
     for f in factors[1:]:
@@ -205,26 +209,28 @@ def _kron_chain(factors: list[torch.Tensor], d: int | None = None) -> torch.Tens
         # Only the first ceil(d / later) entries of the product with f can reach the first d.
         out = kron_rows(out, f, keep=None if d is None else math.ceil(d / later))
     # A slice, even one that keeps everything, costs a zero-filled copy of the gradient.
-    return out if d is None or out.shape[-1] <= d else out[..., :d]
+    return out if d is None or not cut or out.shape[-1] <= d else out[..., :d]
 
 
-def mix_kron_chain(w: torch.Tensor, factors: list[torch.Tensor], d: int) -> torch.Tensor:
+def mix_kron_chain(w: torch.Tensor, factors: list[torch.Tensor], d: int, cut: bool = True) -> torch.Tensor:
     """sum_s w[*, u, s] kron_chain(factors[s])[:d] for experts' factors [*, S, r, len_i] and weights
     [*, U, S] -> [*, U, r, d] (* : optional leading axes, e.g. the layers of a group), without
     building the S experts' rows when there are two factors or more.
 
     The mixed row is, as a [p, q] matrix, sum_s w[u, s] P_s^T Q_s with P the first factor and Q the
     product of the others: one batched matmul over the rows, contracting the experts.
+    cut=False: [*, U, r, L >= d], as kron_chain.
     """
     if _COMPILE.enabled:
-        return _compiled("mix_kron_chain")(w, list(factors), d)
-    return _mix_kron_chain(w, factors, d)
+        return _compiled("mix_kron_chain")(w, list(factors), d, cut)
+    return _mix_kron_chain(w, factors, d, cut)
 
 
-def _mix_kron_chain(w: torch.Tensor, factors: list[torch.Tensor], d: int) -> torch.Tensor:
+def _mix_kron_chain(w: torch.Tensor, factors: list[torch.Tensor], d: int, cut: bool = True) -> torch.Tensor:
     if len(factors) == 1:
         *lead, S, r, full = factors[0].shape
-        return torch.matmul(w, factors[0].reshape(*lead, S, r * full)).view(*lead, -1, r, full)[..., :d]
+        rows = torch.matmul(w, factors[0].reshape(*lead, S, r * full)).view(*lead, -1, r, full)
+        return rows[..., :d] if cut and full > d else rows
     Q = _kron_chain(factors[1:])  # [*, S, r, q]
     *lead, S, r, q = Q.shape
     P = factors[0][..., : math.ceil(d / q)]  # [*, S, r, p]: only these entries reach the first d
@@ -232,7 +238,8 @@ def _mix_kron_chain(w: torch.Tensor, factors: list[torch.Tensor], d: int) -> tor
     Pw = P.reshape(n, S, r, p).permute(0, 2, 3, 1).unsqueeze(2) * w.reshape(n, 1, U, 1, S)  # [n, r, U, p, S]
     Qr = Q.reshape(n, S, r, q).transpose(1, 2).reshape(n * r, S, q)
     out = torch.bmm(Pw.reshape(n * r, U * p, S), Qr)  # [n r, U p, q]
-    return out.view(*lead, r, U, p * q)[..., :d].transpose(-3, -2)  # [*, U, r, d]
+    out = out.view(*lead, r, U, p * q)
+    return (out[..., :d] if cut and p * q > d else out).transpose(-3, -2)  # [*, U, r, d]
 
 
 # ---- optional torch.compile of the factor construction ---------------------------------------------

@@ -90,3 +90,32 @@ def test_joint_norm_is_eps_dominated_for_tiny_leaves():
     raw = reference_rows(leaves, 2048, None)
     ratio = (rows.std() / raw.std()).item()
     assert 0.9 / math.sqrt(1e-5) < ratio < 1.0 / math.sqrt(1e-5)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_member_rows_match_autograd_slicing(transpose, layout):
+    """MemberRows (the members' views of a group's uncut rows, with a hand-written backward) gives
+    the values and gradients of plain slicing and unbinding, unused members included."""
+    from tensorpoly.adapters.tlora import MemberRows
+
+    G, U, r, L, d = 4, 3, 2, 11, 9
+    torch.manual_seed(0)
+    source = torch.randn(G, r, U, L, dtype=torch.float64) if layout == "transposed" else \
+        torch.randn(G, U, r, L, dtype=torch.float64)
+    weights = [torch.randn(U, d, r) if transpose else torch.randn(U, r, d) for _ in range(G)]
+    grads = []
+    for fn in ("member", "autograd"):
+        base = source.clone().requires_grad_()
+        rows = base.transpose(1, 2) if layout == "transposed" else base  # [G, U, r, L]
+        if fn == "member":
+            members = MemberRows.apply(rows, d, transpose)
+        else:
+            members = [m.transpose(-1, -2) if transpose else m for m in rows[..., :d].unbind(0)]
+        assert [tuple(m.shape) for m in members] == [(U, d, r) if transpose else (U, r, d)] * G
+        # Member 2 is left unused: its gradient is zero.
+        loss = sum((m * w.double()).sum() for g, (m, w) in enumerate(zip(members, weights)) if g != 2)
+        loss.backward()
+        grads.append(base.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    assert grads[0][..., d:].abs().sum() == 0 and grads[0][2].abs().sum() == 0

@@ -27,7 +27,7 @@ class TensorPolyILinear(TensorFactors):
     def group_rows(cls, members, side, d, weights):
         w = weights[:, :, 0].to(members[0].leaves_A.dtype)  # [G, U, S]
         leaves, norms = cls.stacked(members, side, lead=1)  # [G, N, S, r, l]
-        return mix_kron_chain(w, row_factors(leaves.transpose(1, 2), d, norms), d)
+        return mix_kron_chain(w, row_factors(leaves.transpose(1, 2), d, norms), d, cut=False)
 
     @classmethod
     def side_rows(cls, members, side, d, weights):
@@ -73,7 +73,7 @@ class TensorPolyIILinear(TensorFactors):
     @classmethod
     def group_rows(cls, members, side, d, weights):
         mixed, norms = cls.mixed_leaves(members, side, weights)
-        return build_rows(mixed, d, norms)
+        return build_rows(mixed, d, norms, cut=False)
 
     @classmethod
     def side_rows(cls, members, side, d, weights):

@@ -89,9 +89,11 @@ class TensorFactors(AdapterLinear):
         """
         first = members[0]
         if whole and first.order >= GROUP_PAIRS_FROM_ORDER:
-            A = cls.group_rows(members, "A", first.in_features, weights)  # [G, U, r, d_in]
-            B = cls.group_rows(members, "B", first.out_features, weights)  # [G, U, r, d_out]
-            return [Factors(factor_pair, (a.transpose(-1, -2), b)) for a, b in zip(A.unbind(0), B.unbind(0))]
+            A = cls.group_rows(members, "A", first.in_features, weights)  # [G, U, r, >= d_in]
+            B = cls.group_rows(members, "B", first.out_features, weights)  # [G, U, r, >= d_out]
+            A = MemberRows.apply(A, first.in_features, True)  # [U, d_in, r] per member
+            B = MemberRows.apply(B, first.out_features, False)  # [U, r, d_out] per member
+            return [Factors(factor_pair, pair) for pair in zip(A, B)]
         A = cls.side_rows(members, "A", first.in_features, weights)
         B = cls.side_rows(members, "B", first.out_features, weights)
         return [Factors(both_sides(make_A, len(pieces_A), make_B), (*pieces_A, *pieces_B))
@@ -99,7 +101,8 @@ class TensorFactors(AdapterLinear):
 
     @classmethod
     def group_rows(cls, members, side: str, d: int, weights) -> torch.Tensor:
-        """The rows [G, U, r, d] of one factor side of every member (U = 1 if dense)."""
+        """The rows [G, U, r, L] of one factor side of every member (U = 1 if dense), not yet cut to
+        their first d entries (L >= d): MemberRows cuts them."""
         raise NotImplementedError
 
     @classmethod
@@ -113,6 +116,40 @@ class TensorFactors(AdapterLinear):
         """Group-stacked factors [G, ...] -> each member's list of factors."""
         per_factor = [f.unbind(0) for f in factors]
         return [tuple(f[g] for f in per_factor) for g in range(n_members)]
+
+
+class MemberRows(torch.autograd.Function):
+    """Each member's rows [U, r, d] (transpose: [U, d, r]) as views of the group's uncut rows
+    [G, U, r, L >= d]: apply(rows, d, transpose) -> G tensors.
+
+    The backward pass writes the members' gradients straight into one buffer laid out as the rows:
+    autograd's own way (stack the members' gradients, then a zero-filled copy for the cut) makes two
+    more passes over factor-sized memory, each into fresh memory, which on a CPU costs page faults.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, d: int, transpose: bool):
+        ctx.set_materialize_grads(False)
+        ctx.d, ctx.transpose = d, transpose
+        # Only the layout is kept (a meta tensor holds no memory), not the rows.
+        ctx.layout, ctx.dtype, ctx.device = torch.empty_like(rows, device="meta"), rows.dtype, rows.device
+        cut = rows[..., :d] if rows.shape[-1] > d else rows
+        return tuple(m.transpose(-1, -2) if transpose else m for m in cut.unbind(0))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        layout, d = ctx.layout, ctx.d
+        grad = torch.empty_strided(layout.shape, layout.stride(), dtype=ctx.dtype, device=ctx.device)
+        if layout.shape[-1] > d:
+            grad[..., d:].zero_()
+        for g, member in enumerate(grads):
+            target = grad[g, ..., :d]
+            if member is None:
+                target.zero_()
+            else:
+                target.copy_(member.transpose(-1, -2) if ctx.transpose else member)
+        return grad, None, None
 
 
 # From this order on a leaf pair (l^2 entries, l = d^(1/N)) is much shorter than a row, and the
@@ -143,7 +180,7 @@ class TLoRALinear(TensorFactors):
     @classmethod
     def group_rows(cls, members, side, d, weights):
         leaves, norms = cls.stacked(members, side, lead=0)  # [G, N, r, l]
-        return build_rows(leaves, d, norms).unsqueeze(1)
+        return build_rows(leaves, d, norms, cut=False).unsqueeze(1)
 
     @classmethod
     def side_rows(cls, members, side, d, weights):
