@@ -32,6 +32,10 @@ from tqdm import tqdm
 from bench_adapters import PRESETS, ROOT, Runner, backbone_config, build, hardware, make_batch, variants, versions
 
 MIB = 2**20
+# The rows the memory target is about: LoRA, TensorPoly-I/II as the defaults run them, with
+# recompute_factors, and the paper code's algorithm. Each costs about 3 minutes at depths 1, 2 and 3.
+DEFAULT_VARIANTS = ("peft_lora_r16,tensorpoly1_n2,tensorpoly1_n4,tensorpoly2_n2,tensorpoly2_n4,tensorpoly1_n4_recompute,"
+                    "tensorpoly2_n4_recompute,literal_tensorpoly1_n4,literal_tensorpoly2_n4")
 
 
 def fit_line(xs: list[int], ys: list[float]) -> tuple[float, float, float]:
@@ -80,7 +84,8 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", default="1,2,3", help="comma-separated encoder (= decoder) layer counts to measure")
     parser.add_argument("--device", default="cpu", help="where to run the steps (default: this CPU)")
     parser.add_argument("--dtype", default="float32", help="dtype of the backbone and adapters")
-    parser.add_argument("--only", help="comma-separated variant names (lora_r16 is always kept)")
+    parser.add_argument("--only", default=DEFAULT_VARIANTS,
+                        help="comma-separated variant names (lora_r16 is always kept; default: %(default)s), or all")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
     parser.add_argument("--seed", type=int, default=0)
@@ -102,7 +107,7 @@ def main(argv=None) -> int:
         print(f"--device {args.device} needs CUDA; this machine has none (use --device cpu)", file=sys.stderr)
         return 2
     rows = [v for v in variants(PRESETS[args.preset]["mhr_heads"]) if v.kind != "floor"]
-    if args.only:
+    if args.only != "all":
         keep = set(args.only.split(",")) | {"lora_r16"}
         unknown = keep - {v.name for v in rows}
         if unknown:
