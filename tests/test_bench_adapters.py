@@ -104,3 +104,5 @@ def test_bench_memory_rejects_bad_arguments(tmp_path, capsys):
     assert bench_memory.main(["--preset", "tiny", "--only", "nope", "--out", str(tmp_path)]) == 2
     assert "nope" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing written
+    # The default selection (what `make bench-memory` runs) names only variants the benchmark has.
+    assert set(bench_memory.DEFAULT_VARIANTS.split(",")) <= {v.name for v in bench_adapters.variants(4)}
