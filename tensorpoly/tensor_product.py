@@ -125,13 +125,15 @@ def make_pair_norms(order: int, rank: int, leaf: int, scope: str, shared: bool, 
                          for _ in range(count))
 
 
-def kron_rows(a: torch.Tensor, b: torch.Tensor, keep: int | None = None) -> torch.Tensor:
-    """Row-wise Kronecker product of [..., r, p] and [..., r, q] -> [..., r, p*q] (first `keep`)."""
+def kron_rows(a: torch.Tensor, b: torch.Tensor, keep: int | None = None, cut: bool = True) -> torch.Tensor:
+    """Row-wise Kronecker product of [..., r, p] and [..., r, q] -> [..., r, p*q] (first `keep`).
+    cut=False: entries that cannot reach the first `keep` are still never computed, but the result
+    may run past `keep` (to the next multiple of q)."""
     if keep is not None:
         # Entries past `keep` only come from rows of `a` past ceil(keep / q): drop them first.
         a = a[..., : math.ceil(keep / b.shape[-1])]
     out = (a.unsqueeze(-1) * b.unsqueeze(-2)).flatten(-2)
-    return out if keep is None or out.shape[-1] <= keep else out[..., :keep]
+    return out if keep is None or not cut or out.shape[-1] <= keep else out[..., :keep]
 
 
 def entries_reaching_output(lengths: list[int], p: int, d: int) -> int:
@@ -206,9 +208,10 @@ def _kron_chain(factors: list[torch.Tensor], d: int | None = None, cut: bool = T
     later = math.prod([f.shape[-1] for f in factors[1:]])
     for f in factors[1:]:
         later //= f.shape[-1]
-        # Only the first ceil(d / later) entries of the product with f can reach the first d.
-        out = kron_rows(out, f, keep=None if d is None else math.ceil(d / later))
-    # A slice, even one that keeps everything, costs a zero-filled copy of the gradient.
+        # Only the first ceil(d / later) entries of the product with f can reach the first d. The
+        # last product is where the rows reach d: cut=False leaves that cut (a zero-filled copy of
+        # the gradient in the backward pass) to the caller.
+        out = kron_rows(out, f, keep=None if d is None else math.ceil(d / later), cut=cut or later > 1)
     return out if d is None or not cut or out.shape[-1] <= d else out[..., :d]
 
 

@@ -43,6 +43,43 @@ def test_build_rows_matches_kronecker_reference(order, scope, shared):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("order,d", [(2, 37), (3, 37), (4, 37), (4, 200), (2, 50)])
+def test_uncut_rows_run_past_d_and_agree_on_the_first_d(order, d):
+    """cut=False (the whole-group build, whose MemberRows does the cut): the last product is not cut
+    either, so no slice (and no zero-filled gradient copy) is left inside; the first d entries are
+    the rows, values and gradients."""
+    torch.manual_seed(order)
+    r, leaf = 3, leaf_length(d, order)
+    norms = make_pair_norms(order, r, leaf, "joint", False, 1e-5, affine_trainable=True).double()
+    source = torch.randn(order, r, leaf, dtype=torch.float64)
+    results = []
+    for cut in (True, False):
+        leaves = source.clone().requires_grad_()
+        rows = build_rows(leaves, d, norms, cut=cut)
+        weight = torch.arange(d, dtype=torch.float64).sin()
+        (rows[..., :d] * weight).sum().backward()
+        results.append((rows, leaves.grad))
+    (cut_rows, cut_grad), (uncut_rows, uncut_grad) = results
+    assert cut_rows.shape[-1] == d and uncut_rows.shape[-1] > d  # these d are not powers of the leaf length
+    # Slices of the short factors (entries that cannot reach d) stay; none of row length is left.
+    slices = [n._saved_self_sym_sizes for n in graph_nodes(uncut_rows.grad_fn) if n.name().startswith("SliceBackward")]
+    assert all(sizes[-1] < d for sizes in slices), slices
+    cut_slices = [n for n in graph_nodes(cut_rows.grad_fn) if n.name().startswith("SliceBackward")]
+    assert any(n._saved_self_sym_sizes[-1] > d for n in cut_slices)  # what cut=False saves
+    torch.testing.assert_close(uncut_rows[..., :d], cut_rows, rtol=0, atol=0)
+    torch.testing.assert_close(uncut_grad, cut_grad, rtol=1e-12, atol=1e-12)
+
+
+def graph_nodes(fn) -> list:
+    seen, stack = [], [fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.append(node)
+            stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return seen
+
+
 @pytest.mark.parametrize("order,d", [(2, 37), (4, 37), (4, 200), (3, 30), (6, 37), (2, 49)])
 @pytest.mark.parametrize("scope", ["joint", "row"])
 def test_norm_statistics_without_padding(order, d, scope):
