@@ -13,12 +13,14 @@ factors rebuilt in the backward pass (recompute_factors: what saving their memor
 literal per-example TensorPoly-I/II (tensorpoly/per_example.py: the paper code's algorithm) as the
 anchor. Every batch mixes `distinct` different tasks.
 
-Per row: the training step (forward, backward, AdamW step, zero_grad) and the evaluation forward
+Per row: the training step (forward, backward, AdamW step with the foreach kernels that training uses,
+zero_grad) and the evaluation forward
 (no grad, teacher-forced, with labels), each the median of `steps` timed repetitions after `warmup`
 untimed ones; peak memory of a training step; trainable parameters; each as a ratio to our LoRA
-r16, and the time above the floor. With --interleave (the CPU default) all models are built first
-and timed round-robin, one step of every model per round, so background load drifts hit every
-row alike.
+r16, and the time above the floor; minor page faults per training step. With --interleave (the CPU
+default) all models are built first and timed round-robin, one step of every model per round, so
+background load drifts hit every row alike; on a CPU the run first pins glibc's malloc thresholds
+(--malloc, pin_malloc_thresholds), so that a variant's page faults do not depend on its neighbours.
 
 Peak memory. GPU: torch.cuda.max_memory_allocated over one training step (weights, optimizer
 state, activations, everything allocated). CPU: the same quantity, computed as the bytes of the
@@ -41,6 +43,7 @@ graph breaks and recompilations are reported too.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import logging
@@ -295,13 +298,15 @@ class Runner:
     def __init__(self, variant: Variant, model, call, batch: dict, device: torch.device):
         self.variant, self.model, self.call, self.batch, self.device = variant, model, call, batch, device
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4) if self.params else None
+        # As training builds it (experiment/optim.py): the multi-tensor kernels.
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, foreach=True) if self.params else None
         self.train_ms: list[float] = []
         self.eval_ms: list[float] = []
         self.construct_ms: list[float] = []  # construction_step (--compile only)
         self.first_ms: dict[str, float] = {}  # the first train / eval call (compilation included)
         self.dynamo: dict[str, dict] = {}  # Dynamo counts added by this runner's warm-up / timed calls
         self.cpu_ms: dict[int, list[float]] = {}  # CPU time of this thread, by id of the wall-clock list
+        self.faults: dict[int, list[int]] = {}  # minor page faults of the process, likewise
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -322,12 +327,13 @@ class Runner:
 
     def timed(self, fn, into: list | None) -> None:
         self.sync()
-        start, cpu = time.perf_counter(), time.thread_time()
+        start, cpu, faults = time.perf_counter(), time.thread_time(), minor_faults()
         fn()
         self.sync()
         if into is not None:
             into.append((time.perf_counter() - start) * 1000)
             self.cpu_ms.setdefault(id(into), []).append((time.thread_time() - cpu) * 1000)
+            self.faults.setdefault(id(into), []).append(minor_faults() - faults)
 
     def persistent_bytes(self) -> int:
         tensors = list(self.model.parameters()) + list(self.model.buffers())
@@ -378,14 +384,7 @@ def profile_table(runners: list[Runner], top: int) -> str:
     the process, and the `top` operators by self CPU time (markdown). Where the time above LoRA goes."""
     from torch.profiler import ProfilerActivity, profile
 
-    try:
-        import resource
-
-        def faults() -> int:
-            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    except ImportError:  # not on Unix
-        def faults() -> int:
-            return 0
+    faults = minor_faults
     lines = []
     for runner in runners:
         gc.collect()
@@ -405,6 +404,37 @@ def profile_table(runners: list[Runner], top: int) -> str:
             lines.append(f"| `{e.key}` | {e.count} | {e.self_cpu_time_total / 1000:.1f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far: each is a fresh 4 KiB page the kernel zeroed (0 off Unix)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+# glibc's mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
+
+
+def pin_malloc_thresholds() -> str:
+    """Keep freed memory in the process's heap (CPU): what the allocator setting of this run was.
+
+    The interleaved variants share one glibc heap. Its default thresholds move with the history of
+    allocations: blocks above the mmap threshold go back to the kernel when freed, and so does heap
+    top above the trim threshold; the next allocation of that size then takes a page fault per 4 KiB.
+    Whether a variant's factor-sized temporaries hit that depended on which models ran before it in
+    the round (measured: TensorPoly-I order 2 took 11k minor faults a step interleaved, 148 alone).
+    Pinning both thresholds makes every variant reuse freed memory, as it does when it runs alone."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return "default (no glibc mallopt)"
+    ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    return "glibc, mmap and trim thresholds pinned" if ok else "default (mallopt refused)"
 
 
 def hardware(device: torch.device) -> dict:
@@ -453,6 +483,7 @@ def summarise(runners: list[Runner], memory: dict, counts: dict) -> list[dict]:
                    train_ms_all=r.train_ms, eval_ms_all=r.eval_ms,
                    train_cpu_ms_all=r.cpu_ms.get(id(r.train_ms), []), eval_cpu_ms_all=r.cpu_ms.get(id(r.eval_ms), []))
         row["train_cpu_ms"] = median(row["train_cpu_ms_all"])
+        row["train_faults"] = median(r.faults.get(id(r.train_ms), []))
         ref_cpu = median(ref.cpu_ms.get(id(ref.train_ms), [])) if ref else None
         row["train_cpu_x_lora"] = row["train_cpu_ms"] / ref_cpu if ref_cpu and row["train_cpu_ms"] else None
         row["train_x_lora"] = train / ref_train if ref_train else None
@@ -496,19 +527,21 @@ def markdown(result: dict) -> str:
              f"vocab {s['vocab_size']}), batch {s['batch']} with {s['distinct']} different tasks, input {s['input_len']}, "
              f"target {s['target_len']}, {s['dtype']}, {s['adapted_linears']} adapted linears. {where}; "
              f"torch {result['versions']['torch']}. Median of {s['steps']} steps after {s['warmup']} warm-up"
-             f"{', interleaved' if s['interleave'] else ''}.",
+             f"{', interleaved' if s['interleave'] else ''}. AdamW with foreach kernels"
+             f"{'; allocator: ' + hw['allocator'] if 'allocator' in hw else ''}.",
              "",
              "| variant | settings | trainable | train step ms | × LoRA | over floor ms | eval fwd ms | × LoRA "
-             "| peak MiB | × LoRA | literal ÷ this (train / eval) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| peak MiB | × LoRA | page faults / step | literal ÷ this (train / eval) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in result["rows"]:
         literal = (f"{row['literal_x_train']:.2f} / {row['literal_x_eval']:.2f}" if "literal_x_train" in row else "")
         lines.append(f"| {row['label']} | {row['settings']} | {row['trainable_params']:,} | {fmt(row['train_ms'], '.1f')} "
                      f"| {fmt(row['train_x_lora'], '.3f')} | {fmt(row['train_over_floor_ms'], '.1f')} "
                      f"| {fmt(row['eval_ms'], '.1f')} | {fmt(row['eval_x_lora'], '.3f')} | {fmt(row['peak_mib'], ',.0f')} "
-                     f"| {fmt(row['peak_x_lora'], '.3f')} | {literal} |")
+                     f"| {fmt(row['peak_x_lora'], '.3f')} | {fmt(row.get('train_faults'), ',.0f')} | {literal} |")
     lines.append("")
-    lines.append("× LoRA: ratio to our LoRA r16. Peak: " + result["memory_note"])
+    lines.append("× LoRA: ratio to our LoRA r16. Page faults / step: median minor page faults of the process over a "
+                 "timed training step (fresh memory from the kernel). Peak: " + result["memory_note"])
     compiled = [row for row in result["rows"] if row.get("compile")]
     if compiled:
         eager = {row["name"]: row for row in result["rows"] if not row.get("compile")}
@@ -563,6 +596,9 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-dynamic", action=argparse.BooleanOptionalAction, default=False,
                         help="torch.compile(dynamic=True) instead of shape-specialised graphs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--malloc", choices=("pinned", "default"), default="pinned",
+                        help="CPU: pin glibc's mmap and trim thresholds so that interleaved variants reuse "
+                             "freed memory (see pin_malloc_thresholds), or leave glibc's defaults")
     args = parser.parse_args(argv)
     modes = args.compile.split(",") if args.compile else []
     if set(modes) - set(COMPILE_MODES):
@@ -578,6 +614,7 @@ def main(argv=None) -> int:
     if preset["threads"]:
         torch.set_num_threads(preset["threads"])
     device = torch.device(preset["device"])
+    allocator = pin_malloc_thresholds() if args.malloc == "pinned" and device.type == "cpu" else "default"
     if device.type == "cuda" and not torch.cuda.is_available():
         print("the gpu preset needs a CUDA device; use --preset cpu here", file=sys.stderr)
         return 2
@@ -689,7 +726,8 @@ def main(argv=None) -> int:
                       steps=preset["steps"], warmup=preset["warmup"], interleave=preset["interleave"],
                       adapted_linears=adapted, task_ids=batch["task_ids"].tolist(),
                       compile=modes, compile_dynamic=args.compile_dynamic),
-        hardware=hardware(device), versions=versions(), seconds=round(time.perf_counter() - started, 1),
+        hardware=dict(hardware(device), allocator=allocator), versions=versions(),
+        seconds=round(time.perf_counter() - started, 1),
         memory_note=memory_note, rows=summarise(runners, memory, counts))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -1,5 +1,6 @@
 """Smoke test of scripts/bench_adapters.py: its whole code path on the tiny preset (no timing checks)."""
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +19,9 @@ def test_bench_writes_json_and_markdown(tmp_path):
     threads = torch.get_num_threads()
     only = "peft_lora_r16,peft_poly,tensorpoly2_n4,literal_tensorpoly2_n4"
     try:
-        assert bench_adapters.main(["--preset", "tiny", "--out", str(tmp_path), "--only", only, "--profile", "3"]) == 0
+        # --malloc default: pinning glibc's thresholds would last for the rest of the test process.
+        assert bench_adapters.main(["--preset", "tiny", "--out", str(tmp_path), "--only", only, "--profile", "3",
+                                    "--malloc", "default"]) == 0
     finally:
         torch.set_num_threads(threads)
     result = json.loads((tmp_path / "tiny.json").read_text())
@@ -33,6 +36,7 @@ def test_bench_writes_json_and_markdown(tmp_path):
     fast = result["rows"][names.index("tensorpoly2_n4")]
     assert fast["literal_x_train"] > 0 and fast["trainable_params"] == result["rows"][-1]["trainable_params"]
     assert {"torch", "transformers", "peft"} <= set(result["versions"]) and result["hardware"]["cpu_count"]
+    assert result["hardware"]["allocator"] == "default"
     table = (tmp_path / "tiny.md").read_text()
     assert "| variant | settings | trainable | train step ms | × LoRA |" in table
     assert table.count("\n| ") == len(names) + 1  # header + one line per row (the separator starts with |-)
@@ -106,3 +110,16 @@ def test_bench_memory_rejects_bad_arguments(tmp_path, capsys):
     assert not list(tmp_path.iterdir())  # nothing written
     # The default selection (what `make bench-memory` runs) names only variants the benchmark has.
     assert set(bench_memory.DEFAULT_VARIANTS.split(",")) <= {v.name for v in bench_adapters.variants(4)}
+
+
+
+def test_bench_pins_the_allocator_by_default(tmp_path):
+    """Run in a child process: pinning glibc's thresholds lasts for the rest of the process."""
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_adapters.py"), "--preset", "tiny", "--out",
+                    str(tmp_path), "--only", "tensorpoly1_n4", "--steps", "1", "--warmup", "1"],
+                   check=True, capture_output=True)
+    result = json.loads((tmp_path / "tiny.json").read_text())
+    allocator = result["hardware"]["allocator"]
+    assert allocator.startswith("glibc") if sys.platform.startswith("linux") else allocator.startswith("default")
+    assert all(row["train_faults"] >= 0 for row in result["rows"])
+    assert "page faults / step" in (tmp_path / "tiny.md").read_text()

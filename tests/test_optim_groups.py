@@ -70,3 +70,26 @@ def test_optimizer_steps_leaves_by_leaf_lr():
     # AdamW's first step moves each entry by exactly lr (sign of the gradient) when weight decay is 0.
     for p, b in zip(leaves, before):
         torch.testing.assert_close(b - p.detach(), torch.full_like(b, RECIPE["leaf_lr"]), rtol=1e-3, atol=1e-9)
+
+
+def test_adamw_runs_multi_tensor_and_matches_the_per_tensor_loop():
+    """build_optimizer's AdamW uses the foreach kernels, whose steps equal torch's per-tensor loop bit for bit."""
+    recipe = OmegaConf.create(RECIPE)
+    params = {}
+    for impl in ("built", "loop"):
+        model = tiny_model("tensorpoly1")
+        groups = param_groups(model, recipe)
+        optimizer = build_optimizer(groups, recipe) if impl == "built" else \
+            torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay, foreach=False)
+        if impl == "built":
+            assert all(group["foreach"] for group in optimizer.param_groups)
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for group in groups:
+                for p in group["params"]:
+                    p.grad = torch.randn(p.shape, generator=generator)
+            optimizer.step()
+        params[impl] = [p.detach().clone() for group in groups for p in group["params"]]
+    assert len(params["built"]) > 4
+    for a, b in zip(params["built"], params["loop"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
