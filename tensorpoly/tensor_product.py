@@ -238,7 +238,9 @@ def _mix_kron_chain(w: torch.Tensor, factors: list[torch.Tensor], d: int, cut: b
     *lead, S, r, q = Q.shape
     P = factors[0][..., : math.ceil(d / q)]  # [*, S, r, p]: only these entries reach the first d
     U, p, n = w.shape[-2], P.shape[-1], math.prod(lead)
-    Pw = P.reshape(n, S, r, p).permute(0, 2, 3, 1).unsqueeze(2) * w.reshape(n, 1, U, 1, S)  # [n, r, U, p, S]
+    # P laid out [n, r, p, S] first: the product then comes out contiguous, and the copy that the bmm's
+    # view would otherwise make is of P, not of the U times larger product.
+    Pw = P.reshape(n, S, r, p).permute(0, 2, 3, 1).contiguous().unsqueeze(2) * w.reshape(n, 1, U, 1, S)  # [n, r, U, p, S]
     Qr = Q.reshape(n, S, r, q).transpose(1, 2).reshape(n * r, S, q)
     out = torch.bmm(Pw.reshape(n * r, U * p, S), Qr)  # [n r, U p, q]
     out = out.view(*lead, r, U, p * q)
