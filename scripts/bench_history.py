@@ -21,7 +21,8 @@ def ratios(result: dict) -> dict[str, tuple[float, float]]:
     """variant name -> (ratio of medians, median of per-round ratios) of the training step."""
     rows = {row["name"]: row for row in result["rows"]}
     lora = rows["lora_r16"]["train_ms_all"]
-    return {name: (row["train_x_lora"], statistics.median(a / b for a, b in zip(row["train_ms_all"], lora)))
+    return {name: (row["train_x_lora"], row.get("train_x_lora_per_round")
+                   or statistics.median(a / b for a, b in zip(row["train_ms_all"], lora)))
             for name, row in rows.items()}
 
 

@@ -1,5 +1,6 @@
 """Smoke test of scripts/bench_adapters.py: its whole code path on the tiny preset (no timing checks)."""
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -32,13 +33,16 @@ def test_bench_writes_json_and_markdown(tmp_path):
         assert row["train_ms"] > 0 and row["eval_ms"] > 0 and row["peak_mib"] > 0
     lora = result["rows"][names.index("lora_r16")]
     assert lora["train_x_lora"] == 1.0 and lora["peak_x_lora"] == 1.0
+    for row in result["rows"]:  # interleaved: per-round ratios, against LoRA's step of the same round
+        rounds = [a / b for a, b in zip(row["train_ms_all"], lora["train_ms_all"], strict=True)]
+        assert row["train_x_lora_per_round"] == statistics.median(rounds)
     assert result["rows"][0]["trainable_params"] == 0  # the floor trains nothing
     fast = result["rows"][names.index("tensorpoly2_n4")]
     assert fast["literal_x_train"] > 0 and fast["trainable_params"] == result["rows"][-1]["trainable_params"]
     assert {"torch", "transformers", "peft"} <= set(result["versions"]) and result["hardware"]["cpu_count"]
     assert result["hardware"]["allocator"] == "default"
     table = (tmp_path / "tiny.md").read_text()
-    assert "| variant | settings | trainable | train step ms | × LoRA |" in table
+    assert "| variant | settings | trainable | train step ms | × LoRA (per round) |" in table
     assert table.count("\n| ") == len(names) + 1  # header + one line per row (the separator starts with |-)
     profile = (tmp_path / "tiny_profile.md").read_text()
     assert profile.count("### ") == len(names) and "autograd nodes" in profile
