@@ -17,7 +17,8 @@ Per row: the training step (forward, backward, AdamW step with the foreach kerne
 zero_grad) and the evaluation forward
 (no grad, teacher-forced, with labels), each the median of `steps` timed repetitions after `warmup`
 untimed ones; peak memory of a training step; trainable parameters; each as a ratio to our LoRA
-r16, and the time above the floor; minor page faults per training step. With --interleave (the CPU
+r16, and the time above the floor; minor page faults per training step; for our grouped adapters the factor
+construction alone (construction_step: forward and backward, no backbone). With --interleave (the CPU
 default) all models are built first and timed round-robin, one step of every model per round, so
 background load drifts hit every row alike; on a CPU the run first pins glibc's malloc thresholds
 (--malloc, pin_malloc_thresholds), so that a variant's page faults do not depend on its neighbours.
@@ -222,11 +223,12 @@ def construction_step(model, task_ids: torch.Tensor, compiled: bool = False, dyn
     from tensorpoly.tensor_product import compiled_factors
 
     routing = model.task_routing
+    whole = routing.whole_factors and not routing.recompute_factors  # as a training step builds them
     outs = []
     with routing.use(task_ids), compiled_factors(compiled, dynamic=dynamic):
         for group in routing._groups.values():
             ids = torch.unique(task_ids) if group.members[0].routed else None
-            for factors in group.build(ids):
+            for factors in group.build(ids, whole):
                 outs.extend(factors.materialize())
     if outs:
         sum((o.float() ** 2).sum() for o in outs).backward()
@@ -302,7 +304,7 @@ class Runner:
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, foreach=True) if self.params else None
         self.train_ms: list[float] = []
         self.eval_ms: list[float] = []
-        self.construct_ms: list[float] = []  # construction_step (--compile only)
+        self.construct_ms: list[float] = []  # construction_step: our grouped adapters' factors alone
         self.first_ms: dict[str, float] = {}  # the first train / eval call (compilation included)
         self.dynamo: dict[str, dict] = {}  # Dynamo counts added by this runner's warm-up / timed calls
         self.cpu_ms: dict[int, list[float]] = {}  # CPU time of this thread, by id of the wall-clock list
@@ -534,19 +536,23 @@ def markdown(result: dict) -> str:
              f"{'; allocator: ' + hw['allocator'] if 'allocator' in hw else ''}.",
              "",
              "| variant | settings | trainable | train step ms | × LoRA (per round) | over floor ms | eval fwd ms | × LoRA "
-             "| peak MiB | × LoRA | page faults / step | literal ÷ this (train / eval) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| peak MiB | × LoRA | page faults / step | factors fwd+bwd ms | literal ÷ this (train / eval) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in result["rows"]:
         literal = (f"{row['literal_x_train']:.2f} / {row['literal_x_eval']:.2f}" if "literal_x_train" in row else "")
         per_round = f" ({row['train_x_lora_per_round']:.3f})" if row.get("train_x_lora_per_round") else ""
         lines.append(f"| {row['label']} | {row['settings']} | {row['trainable_params']:,} | {fmt(row['train_ms'], '.1f')} "
                      f"| {fmt(row['train_x_lora'], '.3f')}{per_round} | {fmt(row['train_over_floor_ms'], '.1f')} "
                      f"| {fmt(row['eval_ms'], '.1f')} | {fmt(row['eval_x_lora'], '.3f')} | {fmt(row['peak_mib'], ',.0f')} "
-                     f"| {fmt(row['peak_x_lora'], '.3f')} | {fmt(row.get('train_faults'), ',.0f')} | {literal} |")
+                     f"| {fmt(row['peak_x_lora'], '.3f')} | {fmt(row.get('train_faults'), ',.0f')} "
+                     f"| {fmt(row.get('construct_ms'), '.1f', '')} | {literal} |")
     lines.append("")
     lines.append("× LoRA: ratio to our LoRA r16 (of the medians; in brackets, interleaved runs: the median over rounds "
                  "of the ratio within a round). Page faults / step: median minor page faults of the process over a "
-                 "timed training step (fresh memory from the kernel). Peak: " + result["memory_note"])
+                 "timed training step (fresh memory from the kernel). Factors fwd+bwd: our grouped adapters' factor "
+                 "construction alone, as a training step builds them (every layer group's build for the batch's tasks "
+                 "and its backward pass, no backbone; LoRA builds none), median of as many interleaved rounds. "
+                 "Peak: " + result["memory_note"])
     compiled = [row for row in result["rows"] if row.get("compile")]
     if compiled:
         eager = {row["name"]: row for row in result["rows"] if not row.get("compile")}
@@ -674,6 +680,12 @@ def main(argv=None) -> int:
             if runner.variant.compile:
                 runner.dynamo[label] = added
 
+    def builds_factors(r: Runner) -> bool:
+        return r.variant.kind == "ours" and bool(r.model.task_routing._groups)
+
+    def construct(r: Runner) -> None:
+        construction_step(r.model, batch["task_ids"], r.variant.compile == "factors", args.compile_dynamic)
+
     started = time.perf_counter()
     if preset["interleave"]:
         for v in tqdm(rows, desc="build + warm-up", unit="variant"):
@@ -688,11 +700,7 @@ def main(argv=None) -> int:
         for _ in counted("timed eval", tqdm(range(preset["steps"]), desc="eval rounds", unit="round")):
             for runner in runners:
                 runner.timed(runner.eval_forward, runner.eval_ms)
-        builders = [r for r in runners if modes and r.variant.kind == "ours" and r.model.task_routing._groups]
-
-        def construct(r: Runner) -> None:
-            construction_step(r.model, batch["task_ids"], r.variant.compile == "factors", args.compile_dynamic)
-
+        builders = [r for r in runners if builds_factors(r)]
         for runner in builders:
             runner.timed(lambda r=runner: construct(r), None)
         for _ in tqdm(range(preset["steps"]) if builders else [], desc="factor construction rounds", unit="round"):
@@ -710,6 +718,9 @@ def main(argv=None) -> int:
             measure(runner, train=False, evaluation=True)
             for _ in range(preset["steps"]):
                 runner.timed(runner.eval_forward, runner.eval_ms)
+            if builds_factors(runner):
+                for into in [None] * preset["warmup"] + [runner.construct_ms] * preset["steps"]:
+                    runner.timed(lambda r=runner: construct(r), into)
             # Keep the timings, free the model before the next one is built.
             runner.model = runner.call = runner.optimizer = runner.params = None
             runners.append(runner)

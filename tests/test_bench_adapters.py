@@ -37,6 +37,8 @@ def test_bench_writes_json_and_markdown(tmp_path):
         rounds = [a / b for a, b in zip(row["train_ms_all"], lora["train_ms_all"], strict=True)]
         assert row["train_x_lora_per_round"] == statistics.median(rounds)
     assert result["rows"][0]["trainable_params"] == 0  # the floor trains nothing
+    constructed = [row["name"] for row in result["rows"] if row.get("construct_ms")]
+    assert constructed == ["tensorpoly2_n4"]  # LoRA has no factors to build; PEFT and the literal rows are not ours
     fast = result["rows"][names.index("tensorpoly2_n4")]
     assert fast["literal_x_train"] > 0 and fast["trainable_params"] == result["rows"][-1]["trainable_params"]
     assert {"torch", "transformers", "peft"} <= set(result["versions"]) and result["hardware"]["cpu_count"]
