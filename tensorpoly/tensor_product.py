@@ -215,6 +215,13 @@ def _kron_chain(factors: list[torch.Tensor], d: int | None = None, cut: bool = T
     return out if d is None or not cut or out.shape[-1] <= d else out[..., :d]
 
 
+def last_product(factors: list[torch.Tensor], d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, Q) with kron_chain(factors, d) == kron_rows(P, Q)[..., :d]: P is the product of all factors but
+    the last, cut to the entries that reach the first d, and Q the last factor."""
+    Q = factors[-1]
+    return kron_chain(list(factors[:-1]), math.ceil(d / Q.shape[-1])), Q
+
+
 def mix_kron_chain(w: torch.Tensor, factors: list[torch.Tensor], d: int, cut: bool = True) -> torch.Tensor:
     """sum_s w[*, u, s] kron_chain(factors[s])[:d] for experts' factors [*, S, r, len_i] and weights
     [*, U, S] -> [*, U, r, d] (* : optional leading axes, e.g. the layers of a group), without

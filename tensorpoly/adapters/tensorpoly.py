@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..tensor_product import build_rows, kron_chain, mix_kron_chain, row_factors
+from ..tensor_product import build_rows, kron_chain, last_product, mix_kron_chain, row_factors
 from .tlora import GROUP_PAIRS_FROM_ORDER, TensorFactors
 
 
@@ -24,10 +24,11 @@ class TensorPolyILinear(TensorFactors):
         return torch.einsum("us,srd->udr", w, A_experts), torch.einsum("us,srd->urd", w, B_experts)
 
     @classmethod
-    def group_rows(cls, members, side, d, weights):
+    def group_operands(cls, members, side, d, weights):
         w = weights[:, :, 0].to(members[0].leaves_A.dtype)  # [G, U, S]
         leaves, norms = cls.stacked(members, side, lead=1)  # [G, N, S, r, l]
-        return mix_kron_chain(w, row_factors(leaves.transpose(1, 2), d, norms), d, cut=False)
+        P, Q = last_product(row_factors(leaves.transpose(1, 2), d, norms), d)  # [G, S, r, p], [G, S, r, q]
+        return w, P, Q
 
     @classmethod
     def side_rows(cls, members, side, d, weights):
@@ -71,9 +72,9 @@ class TensorPolyIILinear(TensorFactors):
         return mixed, norms
 
     @classmethod
-    def group_rows(cls, members, side, d, weights):
-        mixed, norms = cls.mixed_leaves(members, side, weights)
-        return build_rows(mixed, d, norms, cut=False)
+    def group_operands(cls, members, side, d, weights):
+        mixed, norms = cls.mixed_leaves(members, side, weights)  # [G, U, N, r, l]
+        return (None, *last_product(row_factors(mixed, d, norms), d))  # [G, U, r, p], [G, U, r, q]
 
     @classmethod
     def side_rows(cls, members, side, d, weights):

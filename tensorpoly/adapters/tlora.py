@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig
-from ..tensor_product import (StackedNorms, build_rows, kron_chain, leaf_length, make_pair_norms,
-                              norm_signature, row_factors)
+from .. import kron_kernel
+from ..tensor_product import (StackedNorms, build_rows, kron_chain, last_product, leaf_length, make_pair_norms,
+                              mix_kron_chain, norm_signature, row_factors)
 from .base import AdapterLinear, Factors, factor_pair, paper_uniform_
 
 
@@ -89,10 +90,8 @@ class TensorFactors(AdapterLinear):
         """
         first = members[0]
         if whole and first.order >= GROUP_PAIRS_FROM_ORDER:
-            A = cls.group_rows(members, "A", first.in_features, weights)  # [G, U, r, >= d_in]
-            B = cls.group_rows(members, "B", first.out_features, weights)  # [G, U, r, >= d_out]
-            A = MemberRows.apply(A, first.in_features, True)  # [U, d_in, r] per member
-            B = MemberRows.apply(B, first.out_features, False)  # [U, r, d_out] per member
+            A = group_members(*cls.group_operands(members, "A", first.in_features, weights), first.in_features, True)
+            B = group_members(*cls.group_operands(members, "B", first.out_features, weights), first.out_features, False)
             return [Factors(factor_pair, pair) for pair in zip(A, B)]
         A = cls.side_rows(members, "A", first.in_features, weights)
         B = cls.side_rows(members, "B", first.out_features, weights)
@@ -100,9 +99,10 @@ class TensorFactors(AdapterLinear):
                 for (make_A, pieces_A), (make_B, pieces_B) in zip(A, B)]
 
     @classmethod
-    def group_rows(cls, members, side: str, d: int, weights) -> torch.Tensor:
-        """The rows [G, U, r, L] of one factor side of every member (U = 1 if dense), not yet cut to
-        their first d entries (L >= d): MemberRows cuts them."""
+    def group_operands(cls, members, side: str, d: int, weights) -> tuple:
+        """The operands (w, P, Q) of the last Kronecker product of one factor side of every member:
+        rows[g, u, r] = sum_s w[g, u, s] P[g, s, r] ⊗ Q[g, s, r] (w [G, U, S]: TensorPoly-I) or
+        P[g, u, r] ⊗ Q[g, u, r] (w None), P cut to the entries that reach the first d (see group_members)."""
         raise NotImplementedError
 
     @classmethod
@@ -116,6 +116,16 @@ class TensorFactors(AdapterLinear):
         """Group-stacked factors [G, ...] -> each member's list of factors."""
         per_factor = [f.unbind(0) for f in factors]
         return [tuple(f[g] for f in per_factor) for g in range(n_members)]
+
+
+def group_members(w, P, Q, d: int, transpose: bool) -> tuple:
+    """Each member's rows [U, r, d] ([U, d, r] with transpose) from the operands of the group's last
+    product: by the fused CPU kernel where it runs (kron_kernel.KronRows), else by PyTorch ops into
+    uncut rows [G, U, r, >= d] that MemberRows hands out."""
+    if kron_kernel.usable(P, Q, *(() if w is None else (w,))):
+        return kron_kernel.KronRows.apply(w, P, Q, d, transpose)
+    rows = kron_chain([P, Q], d, cut=False) if w is None else mix_kron_chain(w, [P, Q], d, cut=False)
+    return MemberRows.apply(rows, d, transpose)
 
 
 class MemberRows(torch.autograd.Function):
@@ -178,9 +188,10 @@ class TLoRALinear(TensorFactors):
         return A.T.unsqueeze(0), B.unsqueeze(0)
 
     @classmethod
-    def group_rows(cls, members, side, d, weights):
+    def group_operands(cls, members, side, d, weights):
         leaves, norms = cls.stacked(members, side, lead=0)  # [G, N, r, l]
-        return build_rows(leaves, d, norms, cut=False).unsqueeze(1)
+        P, Q = last_product(row_factors(leaves, d, norms), d)  # [G, r, p], [G, r, q]
+        return None, P.unsqueeze(1), Q.unsqueeze(1)
 
     @classmethod
     def side_rows(cls, members, side, d, weights):

@@ -1,0 +1,337 @@
+// Fused CPU kernels for the last, row-sized Kronecker product of a factor construction
+// (tensorpoly/kron_kernel.py builds this file with torch.utils.cpp_extension on first use).
+//
+// mixed: out[g, u, r, i*q + j] = sum_s w[g, u, s] P[g, s, r, i] Q[g, s, r, j]   (TensorPoly-I's mixing)
+// plain: out[g, u, r, i*q + j] = P[g, u, r, i] Q[g, u, r, j]                      (TLoRA, TensorPoly-II)
+//
+// Why a kernel: with PyTorch ops the mixing is hundreds of tiny matrix products whose inner
+// dimension is the S experts, and the plain product's backward makes two product-sized
+// temporaries and two reductions. Here every output row is written once and, in the backward
+// pass, every gradient row is read once, with all the per-(g, r) operands kept in L1.
+//
+// The backward pass reads each member's gradient where it lies: a list of G tensors laid out
+// [U, R, >= n] with unit stride on the last axis, of which only the first n_g entries of a row are
+// read (the rest of the row, up to p*q, counts as zero: rows are cut to d after the product).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+template <typename T> struct Lanes;
+template <> struct Lanes<float> { typedef float V __attribute__((vector_size(32))); static constexpr int64_t W = 8; };
+template <> struct Lanes<double> { typedef double V __attribute__((vector_size(32))); static constexpr int64_t W = 4; };
+
+template <typename V> inline V load_vec(const void* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
+template <typename V> inline void store_vec(void* p, const V& v) { std::memcpy(p, &v, sizeof(V)); }
+
+// Writes the q entries of a chunk computed in nv padded vectors to dst, straight from the vectors when
+// the padding's overrun stays inside the row (it lands on entries written later), else via memcpy.
+template <typename T, typename V>
+inline void store_chunk(T* dst, const V* acc, int64_t nv, int64_t q, bool overrun_ok) {
+  if (overrun_ok) {
+    for (int64_t k = 0; k < nv; ++k) store_vec(dst + k * (sizeof(V) / sizeof(T)), acc[k]);
+  } else {
+    std::memcpy(dst, acc, q * sizeof(T));
+  }
+}
+
+struct Rows {  // one member's gradient rows: row (u, r) starts at base + u*su + r*sr; n entries are read
+  const void* base;
+  int64_t su, sr, n;
+};
+
+template <typename T>
+std::vector<Rows> rows_of(const std::vector<torch::Tensor>& grads) {
+  std::vector<Rows> rows;
+  rows.reserve(grads.size());
+  for (const auto& t : grads) {
+    if (t.numel() == 0) {
+      rows.push_back({nullptr, 0, 0, 0});
+    } else {
+      rows.push_back({t.data_ptr<T>(), t.stride(0), t.stride(1), t.size(2)});
+    }
+  }
+  return rows;
+}
+
+// Copies entries [start, start + q) of a gradient row of n valid entries into a zero-padded buffer;
+// returns how many were valid (0: the whole chunk is zero).
+template <typename T>
+inline int64_t load_chunk(T* dst, int64_t padded, const T* row, int64_t n, int64_t start, int64_t q) {
+  const int64_t valid = std::max<int64_t>(0, std::min(q, n - start));
+  std::memset(dst, 0, padded * sizeof(T));
+  if (valid) std::memcpy(dst, row + start, valid * sizeof(T));
+  return valid;
+}
+
+template <typename T>
+void mixed_forward(const T* w, const T* P, const T* Q, T* out, int64_t G, int64_t U, int64_t S, int64_t R,
+                   int64_t p, int64_t q) {
+  using V = typename Lanes<T>::V;
+  constexpr int64_t W = Lanes<T>::W;
+  const int64_t nv = (q + W - 1) / W, L = p * q;
+  at::parallel_for(0, G * R, 1, [&](int64_t begin, int64_t end) {
+    std::vector<V> Qv(S * nv), acc(nv);
+    std::vector<T> coef(S);
+    for (int64_t gr = begin; gr < end; ++gr) {
+      const int64_t g = gr / R, r = gr % R;
+      for (int64_t s = 0; s < S; ++s) {
+        T* dst = reinterpret_cast<T*>(&Qv[s * nv]);
+        std::memset(dst, 0, nv * W * sizeof(T));
+        std::memcpy(dst, Q + ((g * S + s) * R + r) * q, q * sizeof(T));
+      }
+      for (int64_t u = 0; u < U; ++u) {
+        const T* wu = w + (g * U + u) * S;
+        T* row = out + ((g * U + u) * R + r) * L;
+        for (int64_t i = 0; i < p; ++i) {
+          for (int64_t s = 0; s < S; ++s) coef[s] = wu[s] * P[((g * S + s) * R + r) * p + i];
+          int64_t k = 0;
+          for (; k + 4 <= nv; k += 4) {  // four vectors of the row in registers, summed over the experts
+            V a0{}, a1{}, a2{}, a3{};
+            for (int64_t s = 0; s < S; ++s) {
+              const V* qs = &Qv[s * nv + k];
+              const T c = coef[s];
+              a0 += c * qs[0]; a1 += c * qs[1]; a2 += c * qs[2]; a3 += c * qs[3];
+            }
+            acc[k] = a0; acc[k + 1] = a1; acc[k + 2] = a2; acc[k + 3] = a3;
+          }
+          for (; k < nv; ++k) {
+            V a{};
+            for (int64_t s = 0; s < S; ++s) a += coef[s] * Qv[s * nv + k];
+            acc[k] = a;
+          }
+          store_chunk(row + i * q, acc.data(), nv, q, i * q + nv * W <= L);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void mixed_backward(const T* w, const T* P, const T* Q, const std::vector<Rows>& grads, T* gw_parts, T* gP, T* gQ,
+                    int64_t G, int64_t U, int64_t S, int64_t R, int64_t p, int64_t q) {
+  using V = typename Lanes<T>::V;
+  constexpr int64_t W = Lanes<T>::W;
+  const int64_t nv = (q + W - 1) / W, ns = (S + W - 1) / W;
+  at::parallel_for(0, G * R, 1, [&](int64_t begin, int64_t end) {
+    // Per block: Q padded [S][nv], Q transposed [q][ns] and P transposed [p][ns] (experts along the lanes).
+    std::vector<V> Qv(S * nv), Qt(q * ns), Pt(p * ns), gq(S * nv), gPt(p * ns), wv(ns), gwu(ns), gi(nv), dots(ns);
+    for (int64_t gr = begin; gr < end; ++gr) {
+      const int64_t g = gr / R, r = gr % R;
+      std::fill(Qt.begin(), Qt.end(), V{});
+      std::fill(Pt.begin(), Pt.end(), V{});
+      std::fill(gq.begin(), gq.end(), V{});
+      std::fill(gPt.begin(), gPt.end(), V{});
+      T* qt = reinterpret_cast<T*>(Qt.data());
+      T* pt = reinterpret_cast<T*>(Pt.data());
+      for (int64_t s = 0; s < S; ++s) {
+        const T* Qs = Q + ((g * S + s) * R + r) * q;
+        const T* Ps = P + ((g * S + s) * R + r) * p;
+        T* dst = reinterpret_cast<T*>(&Qv[s * nv]);
+        std::memset(dst, 0, nv * W * sizeof(T));
+        std::memcpy(dst, Qs, q * sizeof(T));
+        for (int64_t j = 0; j < q; ++j) qt[j * ns * W + s] = Qs[j];
+        for (int64_t i = 0; i < p; ++i) pt[i * ns * W + s] = Ps[i];
+      }
+      const Rows& m = grads[g];
+      for (int64_t u = 0; u < U; ++u) {
+        std::fill(wv.begin(), wv.end(), V{});
+        std::memcpy(wv.data(), w + (g * U + u) * S, S * sizeof(T));
+        std::fill(gwu.begin(), gwu.end(), V{});
+        const T* row = m.base ? static_cast<const T*>(m.base) + u * m.su + r * m.sr : nullptr;
+        for (int64_t i = 0; row && i < p; ++i) {
+          // The chunk's lanes past q (or past the cut) only reach gq lanes that are never written out.
+          const T* gis = row + i * q;
+          int64_t valid = q;
+          if (i * q + nv * W > m.n) {
+            gis = reinterpret_cast<T*>(gi.data());
+            valid = load_chunk(reinterpret_cast<T*>(gi.data()), nv * W, row, m.n, i * q, q);
+            if (!valid) break;  // the rest of the row lies past the cut: zero
+          } else {
+            for (int64_t k = 0; k < nv; ++k) gi[k] = load_vec<V>(gis + k * W);
+          }
+          // dots[s] = <gradient chunk, Q[s]>, for all experts at once
+          for (int64_t t = 0; t < ns; ++t) {
+            V d0{}, d1{}, d2{}, d3{};
+            int64_t j = 0;
+            for (; j + 4 <= valid; j += 4) {
+              d0 += gis[j] * Qt[j * ns + t];
+              d1 += gis[j + 1] * Qt[(j + 1) * ns + t];
+              d2 += gis[j + 2] * Qt[(j + 2) * ns + t];
+              d3 += gis[j + 3] * Qt[(j + 3) * ns + t];
+            }
+            for (; j < valid; ++j) d0 += gis[j] * Qt[j * ns + t];
+            dots[t] = (d0 + d1) + (d2 + d3);
+          }
+          for (int64_t t = 0; t < ns; ++t) {
+            gPt[i * ns + t] += wv[t] * dots[t];
+            gwu[t] += Pt[i * ns + t] * dots[t];
+            dots[t] = wv[t] * Pt[i * ns + t];  // now the coefficient of the chunk in each expert's gQ
+          }
+          const T* coef = reinterpret_cast<const T*>(dots.data());
+          for (int64_t s = 0; s < S; ++s) {
+            const T c = coef[s];
+            V* acc = &gq[s * nv];
+            for (int64_t k = 0; k < nv; ++k) acc[k] += c * gi[k];
+          }
+        }
+        std::memcpy(gw_parts + ((g * R + r) * U + u) * S, gwu.data(), S * sizeof(T));
+      }
+      const T* gpt = reinterpret_cast<const T*>(gPt.data());
+      for (int64_t s = 0; s < S; ++s) {
+        T* gPs = gP + ((g * S + s) * R + r) * p;
+        for (int64_t i = 0; i < p; ++i) gPs[i] = gpt[i * ns * W + s];
+        std::memcpy(gQ + ((g * S + s) * R + r) * q, &gq[s * nv], q * sizeof(T));
+      }
+    }
+  });
+}
+
+template <typename T>
+void plain_forward(const T* P, const T* Q, T* out, int64_t B, int64_t R, int64_t p, int64_t q) {
+  using V = typename Lanes<T>::V;
+  constexpr int64_t W = Lanes<T>::W;
+  const int64_t nv = (q + W - 1) / W, L = p * q;
+  at::parallel_for(0, B * R, 1, [&](int64_t begin, int64_t end) {
+    std::vector<V> Qv(nv), acc(nv);
+    for (int64_t br = begin; br < end; ++br) {
+      T* dst = reinterpret_cast<T*>(Qv.data());
+      std::memset(dst, 0, nv * W * sizeof(T));
+      std::memcpy(dst, Q + br * q, q * sizeof(T));
+      const T* Pr = P + br * p;
+      T* row = out + br * L;
+      for (int64_t i = 0; i < p; ++i) {
+        const T c = Pr[i];
+        for (int64_t k = 0; k < nv; ++k) acc[k] = c * Qv[k];
+        store_chunk(row + i * q, acc.data(), nv, q, i * q + nv * W <= L);
+      }
+    }
+  });
+}
+
+template <typename T>
+void plain_backward(const T* P, const T* Q, const std::vector<Rows>& grads, int64_t U, T* gP, T* gQ, int64_t B,
+                    int64_t R, int64_t p, int64_t q) {
+  using V = typename Lanes<T>::V;
+  constexpr int64_t W = Lanes<T>::W;
+  const int64_t nv = (q + W - 1) / W;
+  at::parallel_for(0, B * R, 1, [&](int64_t begin, int64_t end) {
+    std::vector<V> Qv(nv), gq(nv), gi(nv);
+    for (int64_t br = begin; br < end; ++br) {
+      const int64_t b = br / R, r = br % R, g = b / U, u = b % U;
+      T* qd = reinterpret_cast<T*>(Qv.data());
+      std::memset(qd, 0, nv * W * sizeof(T));
+      std::memcpy(qd, Q + br * q, q * sizeof(T));
+      std::fill(gq.begin(), gq.end(), V{});
+      const T* Pr = P + br * p;
+      T* gPr = gP + br * p;
+      std::fill(gPr, gPr + p, T(0));
+      const Rows& m = grads[g];
+      const T* row = m.base ? static_cast<const T*>(m.base) + u * m.su + r * m.sr : nullptr;
+      for (int64_t i = 0; row && i < p; ++i) {
+        if (i * q + nv * W > m.n) {
+          // Lanes past q must be zero here: they enter the dot product.
+          if (!load_chunk(reinterpret_cast<T*>(gi.data()), nv * W, row, m.n, i * q, q)) break;
+        } else {
+          for (int64_t k = 0; k < nv; ++k) gi[k] = load_vec<V>(row + i * q + k * W);
+          if (q % W) {  // zero the lanes that belong to the next chunk
+            T* last = reinterpret_cast<T*>(&gi[nv - 1]);
+            for (int64_t l = q % W; l < W; ++l) last[l] = 0;
+          }
+        }
+        V d{};
+        const T c = Pr[i];
+        for (int64_t k = 0; k < nv; ++k) {
+          d += gi[k] * Qv[k];
+          gq[k] += c * gi[k];
+        }
+        T sum = 0;
+        for (int64_t l = 0; l < W; ++l) sum += d[l];
+        gPr[i] = sum;
+      }
+      std::memcpy(gQ + br * q, gq.data(), q * sizeof(T));
+    }
+  });
+}
+
+void check(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), name, " must be a contiguous CPU tensor");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name, " must be float32 or float64");
+}
+
+void check_grads(const std::vector<torch::Tensor>& grads, int64_t count, int64_t U, int64_t R, int64_t L,
+                 at::ScalarType dtype) {
+  TORCH_CHECK(static_cast<int64_t>(grads.size()) == count, "expected ", count, " gradient tensors, got ", grads.size());
+  for (const auto& t : grads) {
+    if (t.numel() == 0) continue;
+    TORCH_CHECK(t.dim() == 3 && t.size(0) == U && t.size(1) == R && t.size(2) <= L && t.stride(2) == 1 &&
+                    t.scalar_type() == dtype && t.device().is_cpu(),
+                "gradient rows must be [U, R, <= p*q] CPU tensors of the factors' dtype with unit last stride");
+  }
+}
+
+torch::Tensor mixed_kron_forward(torch::Tensor w, torch::Tensor P, torch::Tensor Q) {
+  check(w, "w"); check(P, "P"); check(Q, "Q");
+  const int64_t G = w.size(0), U = w.size(1), S = w.size(2), R = P.size(2), p = P.size(3), q = Q.size(3);
+  TORCH_CHECK(P.size(0) == G && P.size(1) == S && Q.size(0) == G && Q.size(1) == S && Q.size(2) == R,
+              "mixed_kron_forward: w [G, U, S], P [G, S, R, p], Q [G, S, R, q]");
+  auto out = torch::empty({G, U, R, p * q}, P.options());
+  AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "mixed_kron_forward", [&] {
+    mixed_forward<scalar_t>(w.data_ptr<scalar_t>(), P.data_ptr<scalar_t>(), Q.data_ptr<scalar_t>(),
+                            out.data_ptr<scalar_t>(), G, U, S, R, p, q);
+  });
+  return out;
+}
+
+std::vector<torch::Tensor> mixed_kron_backward(torch::Tensor w, torch::Tensor P, torch::Tensor Q,
+                                               std::vector<torch::Tensor> grads) {
+  check(w, "w"); check(P, "P"); check(Q, "Q");
+  const int64_t G = w.size(0), U = w.size(1), S = w.size(2), R = P.size(2), p = P.size(3), q = Q.size(3);
+  check_grads(grads, G, U, R, p * q, P.scalar_type());
+  auto gw_parts = torch::empty({G, R, U, S}, P.options());
+  auto gP = torch::empty_like(P);
+  auto gQ = torch::empty_like(Q);
+  AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "mixed_kron_backward", [&] {
+    mixed_backward<scalar_t>(w.data_ptr<scalar_t>(), P.data_ptr<scalar_t>(), Q.data_ptr<scalar_t>(),
+                             rows_of<scalar_t>(grads), gw_parts.data_ptr<scalar_t>(), gP.data_ptr<scalar_t>(),
+                             gQ.data_ptr<scalar_t>(), G, U, S, R, p, q);
+  });
+  return {gw_parts.sum(1), gP, gQ};
+}
+
+torch::Tensor plain_kron_forward(torch::Tensor P, torch::Tensor Q) {
+  check(P, "P"); check(Q, "Q");
+  const int64_t G = P.size(0), U = P.size(1), R = P.size(2), p = P.size(3), q = Q.size(3);
+  TORCH_CHECK(Q.size(0) == G && Q.size(1) == U && Q.size(2) == R, "plain_kron_forward: P [G, U, R, p], Q [G, U, R, q]");
+  auto out = torch::empty({G, U, R, p * q}, P.options());
+  AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "plain_kron_forward", [&] {
+    plain_forward<scalar_t>(P.data_ptr<scalar_t>(), Q.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), G * U, R, p, q);
+  });
+  return out;
+}
+
+std::vector<torch::Tensor> plain_kron_backward(torch::Tensor P, torch::Tensor Q, std::vector<torch::Tensor> grads) {
+  check(P, "P"); check(Q, "Q");
+  const int64_t G = P.size(0), U = P.size(1), R = P.size(2), p = P.size(3), q = Q.size(3);
+  check_grads(grads, G, U, R, p * q, P.scalar_type());
+  auto gP = torch::empty_like(P);
+  auto gQ = torch::empty_like(Q);
+  AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "plain_kron_backward", [&] {
+    plain_backward<scalar_t>(P.data_ptr<scalar_t>(), Q.data_ptr<scalar_t>(), rows_of<scalar_t>(grads), U,
+                             gP.data_ptr<scalar_t>(), gQ.data_ptr<scalar_t>(), G * U, R, p, q);
+  });
+  return {gP, gQ};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("mixed_kron_forward", &mixed_kron_forward, "sum_s w[g,u,s] P[g,s,r] (x) Q[g,s,r] -> [G, U, R, p*q]");
+  m.def("mixed_kron_backward", &mixed_kron_backward, "(grad w, grad P, grad Q) from G members' gradient rows");
+  m.def("plain_kron_forward", &plain_kron_forward, "P[g,u,r] (x) Q[g,u,r] -> [G, U, R, p*q]");
+  m.def("plain_kron_backward", &plain_kron_backward, "(grad P, grad Q) from G members' gradient rows");
+}

@@ -1,0 +1,145 @@
+"""The fused CPU kernel for the last Kronecker product of a layer group's factor rows.
+
+A group's rows are, per member g, task u and rank row r, either a mixture over the experts s
+(TensorPoly-I) or one product (TLoRA, TensorPoly-II) of two short factors:
+
+    mixed:  rows[g, u, r] = sum_s w[g, u, s] P[g, s, r] ⊗ Q[g, s, r]
+    plain:  rows[g, u, r] = P[g, u, r] ⊗ Q[g, u, r]
+
+`KronRows` computes them in one C++ call (csrc/kron_rows.cpp) and hands each member its view,
+cut to d; its backward pass reads every member's gradient in place, once. With PyTorch ops the
+same is a batched matmul over the experts (hundreds of tiny products) or an outer product whose
+backward makes product-sized temporaries, plus a copy of the members' gradients into one buffer.
+
+The extension is compiled with torch.utils.cpp_extension the first time it is needed (about 30 s,
+then cached under TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions). Without a C++
+compiler, on a GPU, for other dtypes, or with TENSORPOLY_FUSED_KERNELS=0, the PyTorch ops run
+instead: the two give equal results (tests/test_kron_kernel.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "kron_rows.cpp"
+FUSED_DTYPES = (torch.float32, torch.float64)
+
+
+class _State:
+    enabled = os.environ.get("TENSORPOLY_FUSED_KERNELS", "1") not in ("0", "false", "False")
+    module = None
+    failed: str | None = None
+
+
+_STATE = _State()
+
+
+def _cpu_signature() -> str:
+    """The build uses -march=native: key the build by the CPU so a shared cache never runs code built
+    for another one."""
+    flags = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "model name")):
+                flags += line
+    except OSError:
+        pass
+    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+
+
+def _ninja_on_path() -> None:
+    """cpp_extension runs `ninja` from PATH; the pip package's binary sits in the environment's bin
+    folder, which is not on PATH when the interpreter is called by its path (.venv/bin/python)."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def extension():
+    """The compiled module, building it on first use; None (with one warning) if it cannot be built."""
+    if _STATE.module is None and _STATE.failed is None:
+        try:
+            from torch.utils.cpp_extension import load
+
+            _ninja_on_path()
+            _STATE.module = load(name=f"tensorpoly_kron_rows_{_cpu_signature()}", sources=[str(SOURCE)],
+                                 extra_cflags=["-O3", "-march=native"], verbose=False)
+        except Exception as error:  # no compiler, no headers, a failed build: the PyTorch ops still work
+            _STATE.failed = f"{type(error).__name__}: {error}"
+            warnings.warn(f"tensorpoly: the fused CPU kernel could not be built, using PyTorch ops instead "
+                          f"(set TENSORPOLY_FUSED_KERNELS=0 to skip the attempt): {_STATE.failed}", stacklevel=2)
+    return _STATE.module
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether KronRows can run on these operands (and the kernel is switched on and built)."""
+    from .tensor_product import _COMPILE
+
+    if not _STATE.enabled or _COMPILE.enabled:
+        return False
+    if not all(t.device.type == "cpu" and t.dtype == tensors[0].dtype for t in tensors):
+        return False
+    return tensors[0].dtype in FUSED_DTYPES and extension() is not None
+
+
+@contextmanager
+def fused_kernels(enabled: bool = True):
+    """Switch the fused kernel on or off within the context (the benchmark's A/B; tests)."""
+    saved = _STATE.enabled
+    _STATE.enabled = enabled
+    try:
+        yield
+    finally:
+        _STATE.enabled = saved
+
+
+class KronRows(torch.autograd.Function):
+    """apply(w, P, Q, d, transpose) -> G member tensors [U, r, d] ([U, d, r] with transpose), views of
+    one buffer of uncut rows [G, U, r, p*q]. w [G, U, S] with P [G, S, r, p], Q [G, S, r, q] (mixed),
+    or w None with P [G, U, r, p], Q [G, U, r, q] (plain); p*q >= d."""
+
+    @staticmethod
+    def forward(ctx, w, P, Q, d: int, transpose: bool):
+        ext = extension()
+        P, Q = P.contiguous(), Q.contiguous()
+        if w is None:
+            rows = ext.plain_kron_forward(P, Q)
+        else:
+            w = w.contiguous()
+            rows = ext.mixed_kron_forward(w, P, Q)
+        ctx.set_materialize_grads(False)
+        ctx.transpose, ctx.mixed = transpose, w is not None
+        ctx.save_for_backward(*((w, P, Q) if w is not None else (P, Q)))
+        cut = rows[..., :d] if rows.shape[-1] > d else rows
+        return tuple(m.transpose(-1, -2) if transpose else m for m in cut.unbind(0))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        P = saved[-2]
+        empty = P.new_empty(0)
+        rows = []
+        for g in grads:
+            if g is None:
+                rows.append(empty)
+                continue
+            g = g.transpose(-1, -2) if ctx.transpose else g  # [U, r, d]
+            rows.append(g if g.stride(-1) == 1 and g.dtype == P.dtype else g.to(P.dtype).contiguous())
+        ext = extension()
+        if ctx.mixed:
+            grad_w, grad_P, grad_Q = ext.mixed_kron_backward(*saved, rows)
+            return grad_w, grad_P, grad_Q, None, None
+        grad_P, grad_Q = ext.plain_kron_backward(*saved, rows)
+        return None, grad_P, grad_Q, None, None

@@ -1,0 +1,137 @@
+"""The fused CPU kernel of a group's last Kronecker product (tensorpoly/kron_kernel.py) against the
+PyTorch ops it replaces, and the model with it against the model without it."""
+import warnings
+
+import pytest
+import torch
+
+from conftest import adapted, batch
+from tensorpoly import kron_kernel
+from tensorpoly.adapters.tlora import MemberRows
+from tensorpoly.tensor_product import kron_rows
+
+needs_kernel = pytest.mark.skipif(kron_kernel.extension() is None,
+                                  reason=f"the fused kernel could not be built here: {kron_kernel._STATE.failed}")
+
+
+def torch_members(w, P, Q, d, transpose):
+    """Independent computation: the mixture written out expert by expert, then cut to d."""
+    if w is None:
+        rows = kron_rows(P, Q)  # [G, U, r, p*q]
+    else:
+        experts = kron_rows(P, Q)  # [G, S, r, p*q]
+        rows = torch.einsum("gus,gsrl->gurl", w, experts)
+    return MemberRows.apply(rows, d, transpose)
+
+
+def operands(mixed, G, U, S, r, p, q, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    experts = S if mixed else U
+    w = torch.rand(G, U, S, generator=g, dtype=dtype).requires_grad_() if mixed else None
+    P = torch.randn(G, experts, r, p, generator=g, dtype=dtype).requires_grad_()
+    Q = torch.randn(G, experts, r, q, generator=g, dtype=dtype).requires_grad_()
+    return w, P, Q
+
+
+# (G, U, S, r, p, q, d): q below, at and above a vector's lanes; d cutting the last chunk or none.
+SHAPES = [(3, 4, 5, 3, 7, 6, 40), (2, 3, 2, 4, 21, 25, 512), (2, 1, 8, 2, 3, 5, 15), (1, 2, 3, 2, 4, 8, 32),
+          (2, 2, 9, 2, 5, 17, 81)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("mixed", [True, False], ids=["mixed", "plain"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("transpose", [False, True])
+def test_kernel_equals_pytorch_ops_values_and_gradients(mixed, dtype, shape, transpose):
+    G, U, S, r, p, q, d = shape
+    w, P, Q = operands(mixed, G, U, S, r, p, q, dtype, seed=sum(shape))
+    inputs = [t for t in (w, P, Q) if t is not None]
+    want = torch_members(w, P, Q, d, transpose)
+    got = kron_kernel.KronRows.apply(w, P, Q, d, transpose)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    assert len(got) == G
+    for a, b in zip(got, want):
+        assert a.shape == b.shape == ((U, d, r) if transpose else (U, r, d))
+        torch.testing.assert_close(a, b, **tol)
+    # One member gets no gradient (unused in the loss); another's is laid out with a non-unit last stride.
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(b.shape, generator=g, dtype=dtype) for b in want]
+    if G > 1:
+        grads[1] = torch.randn(tuple(reversed(want[1].shape)), generator=g, dtype=dtype).permute(2, 1, 0)
+    used = range(1, G) if G > 1 else range(G)
+    want_grads = torch.autograd.grad([want[i] for i in used], inputs, [grads[i] for i in used])
+    got_grads = torch.autograd.grad([got[i] for i in used], inputs, [grads[i] for i in used])
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@needs_kernel
+def test_gradcheck_mixed_and_plain():
+    for mixed in (True, False):
+        w, P, Q = operands(mixed, 2, 3, 2, 2, 3, 5, torch.float64, seed=3)
+        inputs = tuple(t for t in (w, P, Q) if t is not None)
+
+        def f(*args):
+            return kron_kernel.KronRows.apply(*(args if mixed else (None, *args)), 13, True)
+
+        assert torch.autograd.gradcheck(f, inputs)
+
+
+def run_step(model, task_ids):
+    model.zero_grad(set_to_none=True)
+    input_ids, labels = batch(len(task_ids))
+    out = model(input_ids=input_ids, labels=labels, task_ids=torch.tensor(task_ids))
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), grads
+
+
+@needs_kernel
+@pytest.mark.parametrize("module_type,fields", [("tensorpoly1", dict(order=4)), ("tensorpoly2", dict(order=4)),
+                                                ("tensorpoly1", dict(order=3, share_norm=False)),
+                                                ("tensorpoly2", dict(order=5)), ("tlora", dict(order=4))])
+def test_model_with_kernel_equals_model_without(module_type, fields, monkeypatch):
+    calls = []
+    apply = kron_kernel.KronRows.apply
+    monkeypatch.setattr(kron_kernel.KronRows, "apply", lambda *a: calls.append(a) or apply(*a))
+    model = adapted(module_type, **fields).train()
+    task_ids = [2, 0, 2, 3] if module_type != "tlora" else [0, 0, 0]
+    with kron_kernel.fused_kernels(False):
+        logits_off, grads_off = run_step(model, task_ids)
+    assert not calls
+    logits_on, grads_on = run_step(model, task_ids)
+    assert calls, "the whole-group build did not reach the fused kernel"
+    torch.testing.assert_close(logits_on, logits_off, rtol=1e-12, atol=1e-12)
+    assert grads_on.keys() == grads_off.keys()
+    for name in grads_on:
+        torch.testing.assert_close(grads_on[name], grads_off[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_operands_the_kernel_does_not_take_use_pytorch_ops():
+    P = torch.randn(1, 1, 2, 3)
+    assert not kron_kernel.usable(P.bfloat16(), P.bfloat16())
+    assert not kron_kernel.usable(P, P.double())  # mixed dtypes
+    with kron_kernel.fused_kernels(False):
+        assert not kron_kernel.usable(P, P)
+
+
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
+    import torch.utils.cpp_extension as cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found (simulated)")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(kron_kernel, "_STATE", kron_kernel._State())
+    with pytest.warns(UserWarning, match="could not be built.*TENSORPOLY_FUSED_KERNELS=0.*simulated"):
+        assert kron_kernel.extension() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second attempt, no second warning
+        assert kron_kernel.extension() is None
+        P = torch.randn(1, 1, 2, 3)
+        assert not kron_kernel.usable(P, P)
+    # The model still trains, through the PyTorch ops.
+    model = adapted("tensorpoly2", order=4).train()
+    logits, grads = run_step(model, [1, 0])
+    assert torch.isfinite(logits).all() and grads
