@@ -7,7 +7,9 @@
 
 Rows: the frozen backbone (the floor: forward and backward through the frozen network, nothing
 to update), PEFT LoRA r16, our LoRA r16, TLoRA, PEFT Poly, our Poly, MHR, TensorPoly-I and -II at
-order 2 and 4, the same at order 4 with each layer finishing its own factors (whole_factors=False,
+order 2 and 4, the same at order 4 with the group's last Kronecker product by PyTorch ops instead of
+the fused CPU kernel (tensorpoly/kron_kernel.py: what the kernel gains; on a GPU both rows run the
+ops), with each layer finishing its own factors (whole_factors=False,
 the previous fast path: what building a layer group's factors all at once gains) and with the
 factors rebuilt in the backward pass (recompute_factors: what saving their memory costs), and the
 literal per-example TensorPoly-I/II (tensorpoly/per_example.py: the paper code's algorithm) as the
@@ -58,6 +60,8 @@ from pathlib import Path
 
 import torch
 
+from tensorpoly.kron_kernel import fused_kernels
+
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -89,6 +93,7 @@ class Variant:
     recompute: bool = False  # TaskRouting.recompute_factors: factors rebuilt in the backward pass
     layerwise: bool = False  # TaskRouting.whole_factors=False: each layer finishes its own factors
     compile: str | None = None  # None (eager) | "factors" | "model": see --compile
+    fused: bool = True  # False: the group's last Kronecker product by PyTorch ops, not the fused CPU kernel
 
     @property
     def settings(self) -> str:
@@ -119,6 +124,9 @@ def variants(mhr_heads: int) -> list[Variant]:
     for kind, label in (("tensorpoly1", "TensorPoly-I"), ("tensorpoly2", "TensorPoly-II")):
         for order in (2, 4):
             rows.append(Variant(f"{kind}_n{order}", label, "ours", dict(module_type=kind, order=order, **tp)))
+    for kind, label in (("tensorpoly1", "TensorPoly-I"), ("tensorpoly2", "TensorPoly-II")):
+        rows.append(Variant(f"{kind}_n4_torch_ops", f"{label}, PyTorch ops (no fused kernel)", "ours",
+                            dict(module_type=kind, order=4, **tp), fused=False))
     for kind, label in (("tensorpoly1", "TensorPoly-I"), ("tensorpoly2", "TensorPoly-II")):
         rows.append(Variant(f"{kind}_n4_layerwise", f"{label}, per-layer factor products", "ours",
                             dict(module_type=kind, order=4, **tp), layerwise=True))
@@ -316,8 +324,9 @@ class Runner:
 
     def train_step(self) -> None:
         self.model.train()
-        loss = self.call(self.batch)
-        loss.backward()
+        with fused_kernels(self.variant.fused):
+            loss = self.call(self.batch)
+            loss.backward()
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -325,7 +334,8 @@ class Runner:
     @torch.no_grad()
     def eval_forward(self) -> None:
         self.model.eval()
-        self.call(self.batch)
+        with fused_kernels(self.variant.fused):
+            self.call(self.batch)
 
     def timed(self, fn, into: list | None) -> None:
         self.sync()
@@ -453,7 +463,20 @@ def hardware(device: torch.device) -> dict:
         props = torch.cuda.get_device_properties(device)
         info["gpu"] = props.name
         info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+    else:
+        info["fused_kernel"] = fused_kernel_status()
     return info
+
+
+def fused_kernel_status() -> str:
+    """Whether the fused CPU kernel (tensorpoly/kron_kernel.py) ran in the rows that ask for it."""
+    from tensorpoly import kron_kernel
+
+    if not kron_kernel._STATE.enabled:
+        return "off (TENSORPOLY_FUSED_KERNELS=0)"
+    if kron_kernel.extension() is None:
+        return f"not built ({kron_kernel._STATE.failed})"
+    return "built"
 
 
 def versions() -> dict:
@@ -533,7 +556,8 @@ def markdown(result: dict) -> str:
              f"target {s['target_len']}, {s['dtype']}, {s['adapted_linears']} adapted linears. {where}; "
              f"torch {result['versions']['torch']}. Median of {s['steps']} steps after {s['warmup']} warm-up"
              f"{', interleaved' if s['interleave'] else ''}. AdamW with foreach kernels"
-             f"{'; allocator: ' + hw['allocator'] if 'allocator' in hw else ''}.",
+             f"{'; allocator: ' + hw['allocator'] if 'allocator' in hw else ''}"
+             f"{'; fused CPU kernel: ' + hw['fused_kernel'] if 'fused_kernel' in hw else ''}.",
              "",
              "| variant | settings | trainable | train step ms | × LoRA (per round) | over floor ms | eval fwd ms | × LoRA "
              "| peak MiB | × LoRA | page faults / step | factors fwd+bwd ms | literal ÷ this (train / eval) |",
@@ -684,7 +708,8 @@ def main(argv=None) -> int:
         return r.variant.kind == "ours" and bool(r.model.task_routing._groups)
 
     def construct(r: Runner) -> None:
-        construction_step(r.model, batch["task_ids"], r.variant.compile == "factors", args.compile_dynamic)
+        with fused_kernels(r.variant.fused):
+                construction_step(r.model, batch["task_ids"], r.variant.compile == "factors", args.compile_dynamic)
 
     started = time.perf_counter()
     if preset["interleave"]:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from tensorpoly import kron_kernel
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
@@ -18,7 +20,7 @@ COLUMNS = ["name", "label", "settings", "trainable_params", "train_ms", "eval_ms
 
 def test_bench_writes_json_and_markdown(tmp_path):
     threads = torch.get_num_threads()
-    only = "peft_lora_r16,peft_poly,tensorpoly2_n4,literal_tensorpoly2_n4"
+    only = "peft_lora_r16,peft_poly,tensorpoly2_n4,tensorpoly2_n4_torch_ops,literal_tensorpoly2_n4"
     try:
         # --malloc default: pinning glibc's thresholds would last for the rest of the test process.
         assert bench_adapters.main(["--preset", "tiny", "--out", str(tmp_path), "--only", only, "--profile", "3",
@@ -27,7 +29,8 @@ def test_bench_writes_json_and_markdown(tmp_path):
         torch.set_num_threads(threads)
     result = json.loads((tmp_path / "tiny.json").read_text())
     names = [row["name"] for row in result["rows"]]
-    assert names == ["floor", "peft_lora_r16", "lora_r16", "peft_poly", "tensorpoly2_n4", "literal_tensorpoly2_n4"]
+    assert names == ["floor", "peft_lora_r16", "lora_r16", "peft_poly", "tensorpoly2_n4", "tensorpoly2_n4_torch_ops",
+                     "literal_tensorpoly2_n4"]
     for row in result["rows"]:
         assert all(key in row for key in COLUMNS), row["name"]
         assert row["train_ms"] > 0 and row["eval_ms"] > 0 and row["peak_mib"] > 0
@@ -38,13 +41,17 @@ def test_bench_writes_json_and_markdown(tmp_path):
         assert row["train_x_lora_per_round"] == statistics.median(rounds)
     assert result["rows"][0]["trainable_params"] == 0  # the floor trains nothing
     constructed = [row["name"] for row in result["rows"] if row.get("construct_ms")]
-    assert constructed == ["tensorpoly2_n4"]  # LoRA has no factors to build; PEFT and the literal rows are not ours
+    # LoRA has no factors to build; PEFT and the literal rows are not ours
+    assert constructed == ["tensorpoly2_n4", "tensorpoly2_n4_torch_ops"]
     fast = result["rows"][names.index("tensorpoly2_n4")]
     assert fast["literal_x_train"] > 0 and fast["trainable_params"] == result["rows"][-1]["trainable_params"]
     assert {"torch", "transformers", "peft"} <= set(result["versions"]) and result["hardware"]["cpu_count"]
     assert result["hardware"]["allocator"] == "default"
+    kernel = "built" if kron_kernel.extension() is not None else f"not built ({kron_kernel._STATE.failed})"
+    assert result["hardware"]["fused_kernel"] == kernel
     table = (tmp_path / "tiny.md").read_text()
     assert "| variant | settings | trainable | train step ms | × LoRA (per round) |" in table
+    assert f"fused CPU kernel: {kernel}." in table
     assert table.count("\n| ") == len(names) + 1  # header + one line per row (the separator starts with |-)
     profile = (tmp_path / "tiny_profile.md").read_text()
     assert profile.count("### ") == len(names) and "autograd nodes" in profile
