@@ -19,6 +19,7 @@ instead: the two give equal results (tests/test_kron_kernel.py).
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -74,7 +75,7 @@ def extension():
 
             _ninja_on_path()
             _STATE.module = load(name=f"tensorpoly_kron_rows_{_cpu_signature()}", sources=[str(SOURCE)],
-                                 extra_cflags=["-O3", "-march=native"], verbose=False)
+                                 extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
         except Exception as error:  # no compiler, no headers, a failed build: the PyTorch ops still work
             _STATE.failed = f"{type(error).__name__}: {error}"
             warnings.warn(f"tensorpoly: the fused CPU kernel could not be built, using PyTorch ops instead "
@@ -143,3 +144,46 @@ class KronRows(torch.autograd.Function):
             return grad_w, grad_P, grad_Q, None, None
         grad_P, grad_Q = ext.plain_kron_backward(*saved, rows)
         return None, grad_P, grad_Q, None, None
+
+
+SCOPES = {"none": 0, "joint": 1, "row": 2}
+
+
+def normed_pair(a: torch.Tensor, b: torch.Tensor, used: int, scope: str, eps: float,
+                weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """pair_norm(kron_rows(a, b), used, ...) of tensor_product in one kernel call: a [*lead, r, la] and
+    b [*lead, r, lb] -> [*lead, r, la*lb]. weight and bias as pair_norm takes them: the norm's own shape
+    ([r, L] joint, [L] row), or with one leading axis of layers over lead[0] (StackedNorms); None for no norm."""
+    *lead, R, la = a.shape
+    L = la * b.shape[-1]
+    B = math.prod(lead)
+    W = beta = None
+    if scope != "none":
+        own = 2 if scope == "joint" else 1
+        layers = weight.shape[0] if weight.dim() > own else 1
+        W, beta = weight.reshape(layers, -1, L), bias.reshape(layers, -1, L)
+    y = PairNorm.apply(a.reshape(B, R, la), b.reshape(B, R, b.shape[-1]), W, beta, SCOPES[scope], min(used, L), eps)
+    return y.view(*lead, R, L)
+
+
+class PairNorm(torch.autograd.Function):
+    """apply(a [B, r, la], b [B, r, lb], W, beta [Gw, 1 or r, la*lb] or None, scope, used, eps) -> [B, r, la*lb]."""
+
+    @staticmethod
+    def forward(ctx, a, b, W, beta, scope: int, used: int, eps: float):
+        a, b = a.contiguous(), b.contiguous()
+        if W is not None:
+            W, beta = W.contiguous(), beta.contiguous()
+        y, mean, rstd = extension().pair_norm_forward(a, b, W, beta, scope, used, eps)
+        ctx.scope, ctx.used = scope, used
+        ctx.save_for_backward(a, b, W, mean, rstd)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        a, b, W, mean, rstd = ctx.saved_tensors
+        affine_grad = W is not None and (ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
+        ga, gb, gW, gbeta = extension().pair_norm_backward(a, b, W, mean, rstd, grad.contiguous(), ctx.scope,
+                                                           ctx.used, affine_grad)
+        return ga, gb, gW if affine_grad else None, gbeta if affine_grad else None, None, None, None

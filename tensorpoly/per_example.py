@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from .adapters.tensorpoly import TensorPolyIILinear, TensorPolyILinear
+from .kron_kernel import fused_kernels
 
 
 class PerExampleForward:
@@ -34,7 +35,8 @@ class PerExampleForward:
         else:
             ids = self._routing.row_ids(self._side, n)
         weights = router(ids)  # [n, splits, S]: one routing row per example
-        A, B = self.factors(weights)  # [n, d_in, r], [n, r, d_out]: one factor pair per example
+        with fused_kernels(False):  # the anchor runs the paper code's PyTorch ops, not our fused kernel
+            A, B = self.factors(weights)  # [n, d_in, r], [n, r, d_out]: one factor pair per example
         flat = x.reshape(n, -1, x.shape[-1])
         delta = torch.bmm(torch.bmm(flat, A.to(x.dtype)), B.to(x.dtype))
         return out + delta.reshape(*x.shape[:-1], -1) / self.rank

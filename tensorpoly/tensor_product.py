@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kron_kernel
+
 
 def integer_root_ceil(d: int, n: int) -> int:
     """Smallest integer l with l**n >= d (exact; float roots can under-round)."""
@@ -181,8 +183,16 @@ def _row_factors(leaves: torch.Tensor, d: int, specs: tuple) -> list[torch.Tenso
     order, leaf = leaves.shape[-3], leaves.shape[-1]
     lengths = [leaf * leaf] * n_leaf_pairs(order) + [leaf] * (order % 2)
     factors = []
+    fused = kron_kernel.usable(leaves, *(t for spec in specs for t in spec[3:5]))
     for p in range(n_leaf_pairs(order)):
-        pair = kron_rows(leaves[..., 2 * p, :, :], leaves[..., 2 * p + 1, :, :])
+        first, second = leaves[..., 2 * p, :, :], leaves[..., 2 * p + 1, :, :]
+        if fused:  # product and norm in one kernel call each way (kron_kernel.PairNorm)
+            scope, eps, over_padding, weight, bias, _ = specs[min(p, len(specs) - 1)] if len(specs) else (
+                "none", 0.0, True, None, None, True)
+            used = leaf * leaf if over_padding else entries_reaching_output(lengths, p, d)
+            factors.append(kron_kernel.normed_pair(first, second, used, scope, eps, weight, bias))
+            continue
+        pair = kron_rows(first, second)
         if len(specs):
             scope, eps, over_padding, weight, bias, fused = specs[min(p, len(specs) - 1)]
             pair = pair_norm(pair, entries_reaching_output(lengths, p, d), scope, eps, over_padding, weight, bias,

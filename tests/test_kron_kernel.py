@@ -8,7 +8,7 @@ import torch
 from conftest import adapted, batch
 from tensorpoly import kron_kernel
 from tensorpoly.adapters.tlora import MemberRows
-from tensorpoly.tensor_product import kron_rows
+from tensorpoly.tensor_product import StackedNorms, kron_rows, make_pair_norms, pair_norm
 
 needs_kernel = pytest.mark.skipif(kron_kernel.extension() is None,
                                   reason=f"the fused kernel could not be built here: {kron_kernel._STATE.failed}")
@@ -78,6 +78,58 @@ def test_gradcheck_mixed_and_plain():
         assert torch.autograd.gradcheck(f, inputs)
 
 
+@needs_kernel
+@pytest.mark.parametrize("scope", ["joint", "row", "none"])
+@pytest.mark.parametrize("used", [None, 7])
+@pytest.mark.parametrize("stacked", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_normed_pair_equals_pytorch_ops(scope, used, stacked, dtype):
+    """LN(a ⊗ b) with its affine, per layer when stacked, statistics over the first `used` entries or all."""
+    g = torch.Generator().manual_seed(7)
+    G, E, r, l = 3, 2, 4, 3
+    a = torch.randn(G, E, r, l, generator=g, dtype=dtype).requires_grad_()
+    b = torch.randn(G, E, r, l, generator=g, dtype=dtype).requires_grad_()
+    norms = [make_pair_norms(2, r, l, scope, True, 1e-5, affine_trainable=True, dtype=dtype) for _ in range(G)]
+    with torch.no_grad():
+        for norm in (n for layer in norms for n in layer):
+            norm.weight.add_(0.5 * torch.randn(norm.weight.shape, generator=g, dtype=dtype))
+            norm.bias.add_(0.5 * torch.randn(norm.bias.shape, generator=g, dtype=dtype))
+    over_padding = used is None
+    if scope == "none":
+        weight = bias = None
+        want = kron_rows(a, b)
+    elif stacked:
+        stack = StackedNorms(norms, lead=1)
+        _, eps, _, weight, bias = stack.norms[0]
+        want = pair_norm(kron_rows(a, b), used, scope, 1e-5, over_padding, weight, bias, fused=False)
+    else:  # one norm for every block
+        a, b = a[0], b[0]
+        weight, bias = norms[0][0].weight, norms[0][0].bias
+        want = pair_norm(kron_rows(a, b), used, scope, 1e-5, over_padding, weight, bias)
+    got = kron_kernel.normed_pair(a, b, used or l * l, scope, 1e-5, weight, bias)
+    tol = dict(rtol=1e-11, atol=1e-11) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(got, want, **tol)
+    leaves = [t for t in (a, b) if t.requires_grad]
+    params = [p for layer in norms for n in layer for p in (n.weight, n.bias)] if scope != "none" else []
+    grad = torch.randn(want.shape, generator=g, dtype=dtype)
+    want_grads = torch.autograd.grad(want, leaves + params, grad, allow_unused=True)
+    got_grads = torch.autograd.grad(got, leaves + params, grad, allow_unused=True)
+    for x, y in zip(got_grads, want_grads):
+        assert (x is None) == (y is None)
+        if x is not None:
+            torch.testing.assert_close(x, y, **tol)
+
+
+@needs_kernel
+def test_gradcheck_normed_pair():
+    g = torch.Generator().manual_seed(2)
+    a, b = (torch.randn(2, 3, 3, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
+    W = torch.randn(2, 3, 9, generator=g, dtype=torch.float64).requires_grad_()
+    beta = torch.randn(2, 3, 9, generator=g, dtype=torch.float64).requires_grad_()
+    for scope, used in ((1, 9), (1, 5), (2, 9), (2, 4), (0, 9)):
+        assert torch.autograd.gradcheck(lambda *x: kron_kernel.PairNorm.apply(*x, scope, used, 1e-5), (a, b, W, beta))
+
+
 def run_step(model, task_ids):
     model.zero_grad(set_to_none=True)
     input_ids, labels = batch(len(task_ids))
@@ -88,20 +140,22 @@ def run_step(model, task_ids):
 
 
 @needs_kernel
-@pytest.mark.parametrize("module_type,fields", [("tensorpoly1", dict(order=4)), ("tensorpoly2", dict(order=4)),
-                                                ("tensorpoly1", dict(order=3, share_norm=False)),
-                                                ("tensorpoly2", dict(order=5)), ("tlora", dict(order=4))])
+@pytest.mark.parametrize("module_type,fields", [
+    ("tensorpoly1", dict(order=4)), ("tensorpoly2", dict(order=4)), ("tensorpoly1", dict(order=3, share_norm=False)),
+    ("tensorpoly2", dict(order=5)), ("tlora", dict(order=4)), ("tensorpoly1", dict(order=2)),
+    ("tensorpoly2", dict(order=4, norm="row", norm_affine_trainable=True)),
+    ("tensorpoly1", dict(order=4, norm_over_padding=False, norm_affine_trainable=True))])
 def test_model_with_kernel_equals_model_without(module_type, fields, monkeypatch):
     calls = []
-    apply = kron_kernel.KronRows.apply
-    monkeypatch.setattr(kron_kernel.KronRows, "apply", lambda *a: calls.append(a) or apply(*a))
+    for function in (kron_kernel.KronRows, kron_kernel.PairNorm):
+        monkeypatch.setattr(function, "apply", lambda *a, apply=function.apply: calls.append(a) or apply(*a))
     model = adapted(module_type, **fields).train()
     task_ids = [2, 0, 2, 3] if module_type != "tlora" else [0, 0, 0]
     with kron_kernel.fused_kernels(False):
         logits_off, grads_off = run_step(model, task_ids)
     assert not calls
     logits_on, grads_on = run_step(model, task_ids)
-    assert calls, "the whole-group build did not reach the fused kernel"
+    assert calls, "the factor construction did not reach the fused kernels"
     torch.testing.assert_close(logits_on, logits_off, rtol=1e-12, atol=1e-12)
     assert grads_on.keys() == grads_off.keys()
     for name in grads_on:

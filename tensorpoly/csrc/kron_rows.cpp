@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -258,6 +259,161 @@ void plain_backward(const T* P, const T* Q, const std::vector<Rows>& grads, int6
   });
 }
 
+
+// ---- a normalised leaf pair: LN(a ⊗ b) with a per-layer affine --------------------------------
+// y[b, r, i*lb + j] = (z - mean) * rstd * W[g, r?, k] + beta[g, r?, k],   z = a[b, r, i] * bv[b, r, j]
+// The statistics run over the block's first `used` entries of every row (scope joint: all R rows of
+// the block together; scope row: each row alone; scope none: y = z). Block b uses affine g = b / (B / Gw),
+// row r of it if the affine has R rows, else its only row.
+enum Scope { kNone = 0, kJoint = 1, kRow = 2 };
+
+template <typename T>
+void pair_forward(const T* a, const T* bv, const T* W, const T* beta, T* y, T* mean, T* rstd, int64_t B, int64_t R,
+                  int64_t la, int64_t lb, int64_t Gw, int64_t Rw, int scope, int64_t used, double eps) {
+  const int64_t L = la * lb, per_affine = B / Gw;
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      T* yb = y + b * R * L;
+      for (int64_t r = 0; r < R; ++r) {
+        const T* ar = a + (b * R + r) * la;
+        const T* br = bv + (b * R + r) * lb;
+        T* yr = yb + r * L;
+        for (int64_t i = 0; i < la; ++i) {
+          const T c = ar[i];
+#pragma omp simd
+          for (int64_t j = 0; j < lb; ++j) yr[i * lb + j] = c * br[j];
+        }
+      }
+      if (scope == kNone) continue;
+      const int64_t groups = scope == kJoint ? 1 : R, rows = scope == kJoint ? R : 1;
+      const int64_t g = b / per_affine;
+      for (int64_t s = 0; s < groups; ++s) {
+        T* ys = yb + s * L;
+        T sum = 0;
+        for (int64_t r = 0; r < rows; ++r) {
+          const T* yr = ys + r * L;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t k = 0; k < used; ++k) sum += yr[k];
+        }
+        const T n = static_cast<T>(rows * used), mu = sum / n;
+        T sq = 0;
+        for (int64_t r = 0; r < rows; ++r) {
+          const T* yr = ys + r * L;
+#pragma omp simd reduction(+ : sq)
+          for (int64_t k = 0; k < used; ++k) sq += (yr[k] - mu) * (yr[k] - mu);
+        }
+        const T inv = static_cast<T>(1.0 / std::sqrt(static_cast<double>(sq / n) + eps));
+        mean[b * groups + s] = mu;
+        rstd[b * groups + s] = inv;
+        for (int64_t r = 0; r < rows; ++r) {
+          T* yr = ys + r * L;
+          if (W) {
+            const int64_t wrow = g * Rw + (Rw == 1 ? 0 : s * rows + r);
+            const T* wr = W + wrow * L;
+            const T* br = beta + wrow * L;
+#pragma omp simd
+            for (int64_t k = 0; k < L; ++k) yr[k] = (yr[k] - mu) * inv * wr[k] + br[k];
+          } else {
+#pragma omp simd
+            for (int64_t k = 0; k < L; ++k) yr[k] = (yr[k] - mu) * inv;
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void pair_backward(const T* a, const T* bv, const T* W, const T* mean, const T* rstd, const T* gy, T* ga, T* gb,
+                   T* gW, T* gbeta, int64_t B, int64_t R, int64_t la, int64_t lb, int64_t Gw, int64_t Rw, int scope,
+                   int64_t used) {
+  const int64_t L = la * lb, per_affine = B / Gw;
+  // One task per affine: the blocks that share it accumulate its gradient without races.
+  at::parallel_for(0, Gw, 1, [&](int64_t gbegin, int64_t gend) {
+    std::vector<T> yhat(R * L), gz(R * L);
+    for (int64_t g = gbegin; g < gend; ++g) {
+      for (int64_t b = g * per_affine; b < (g + 1) * per_affine; ++b) {
+        const T* gyb = gy + b * R * L;
+        if (scope == kNone) {
+          std::copy(gyb, gyb + R * L, gz.begin());
+        } else {
+          const int64_t groups = scope == kJoint ? 1 : R, rows = scope == kJoint ? R : 1;
+          for (int64_t s = 0; s < groups; ++s) {
+            const T mu = mean[b * groups + s], inv = rstd[b * groups + s];
+            T s1 = 0, s2 = 0;  // sums of d(loss)/d(yhat) and of it times yhat, over every entry
+            for (int64_t r = s * rows; r < (s + 1) * rows; ++r) {
+              const T* ar = a + (b * R + r) * la;
+              const T* br = bv + (b * R + r) * lb;
+              const T* wr = W ? W + (g * Rw + (Rw == 1 ? 0 : r)) * L : nullptr;
+              const T* gyr = gyb + r * L;
+              T* yh = yhat.data() + r * L;
+              T* gzr = gz.data() + r * L;
+              for (int64_t i = 0; i < la; ++i) {
+                const T c = ar[i];
+#pragma omp simd
+                for (int64_t j = 0; j < lb; ++j) yh[i * lb + j] = (c * br[j] - mu) * inv;
+              }
+              if (wr) {
+#pragma omp simd
+                for (int64_t k = 0; k < L; ++k) gzr[k] = gyr[k] * wr[k];
+              } else {
+                std::copy(gyr, gyr + L, gzr);
+              }
+#pragma omp simd reduction(+ : s1, s2)
+              for (int64_t k = 0; k < L; ++k) {
+                s1 += gzr[k];
+                s2 += gzr[k] * yh[k];
+              }
+            }
+            const T n = static_cast<T>(rows * used), c1 = s1 / n, c2 = s2 / n;
+            for (int64_t r = s * rows; r < (s + 1) * rows; ++r) {
+              const T* yh = yhat.data() + r * L;
+              T* gzr = gz.data() + r * L;
+              // Only the entries inside the statistics move the mean and the variance.
+#pragma omp simd
+              for (int64_t k = 0; k < used; ++k) gzr[k] = inv * (gzr[k] - c1 - yh[k] * c2);
+#pragma omp simd
+              for (int64_t k = used; k < L; ++k) gzr[k] = inv * gzr[k];
+            }
+          }
+          if (gW) {
+            for (int64_t r = 0; r < R; ++r) {
+              const int64_t wrow = g * Rw + (Rw == 1 ? 0 : r);
+              const T* gyr = gyb + r * L;
+              const T* yh = yhat.data() + r * L;
+              T* gwr = gW + wrow * L;
+              T* gbr = gbeta + wrow * L;
+#pragma omp simd
+              for (int64_t k = 0; k < L; ++k) {
+                gwr[k] += gyr[k] * yh[k];
+                gbr[k] += gyr[k];
+              }
+            }
+          }
+        }
+        for (int64_t r = 0; r < R; ++r) {
+          const T* ar = a + (b * R + r) * la;
+          const T* br = bv + (b * R + r) * lb;
+          T* gar = ga + (b * R + r) * la;
+          T* gbr = gb + (b * R + r) * lb;
+          std::fill(gbr, gbr + lb, T(0));
+          for (int64_t i = 0; i < la; ++i) {
+            const T* gzi = gz.data() + r * L + i * lb;
+            const T c = ar[i];
+            T dot = 0;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t j = 0; j < lb; ++j) {
+              dot += gzi[j] * br[j];
+              gbr[j] += c * gzi[j];
+            }
+            gar[i] = dot;
+          }
+        }
+      }
+    }
+  });
+}
+
 void check(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), name, " must be a contiguous CPU tensor");
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name, " must be float32 or float64");
@@ -327,6 +483,60 @@ std::vector<torch::Tensor> plain_kron_backward(torch::Tensor P, torch::Tensor Q,
   return {gP, gQ};
 }
 
+
+std::vector<torch::Tensor> pair_norm_forward(torch::Tensor a, torch::Tensor bv, c10::optional<torch::Tensor> W,
+                                             c10::optional<torch::Tensor> beta, int64_t scope, int64_t used,
+                                             double eps) {
+  check(a, "a"); check(bv, "b");
+  const int64_t B = a.size(0), R = a.size(1), la = a.size(2), lb = bv.size(2), L = la * lb;
+  TORCH_CHECK(bv.size(0) == B && bv.size(1) == R, "pair_norm_forward: a [B, R, la], b [B, R, lb]");
+  TORCH_CHECK(scope >= kNone && scope <= kRow && used >= 1 && used <= L, "pair_norm_forward: bad scope or used");
+  const bool affine = W.has_value() && W->defined();
+  int64_t Gw = 1, Rw = 1;
+  if (affine) {
+    check(*W, "W"); check(*beta, "beta");
+    Gw = W->size(0), Rw = W->size(1);
+    TORCH_CHECK(W->dim() == 3 && W->size(2) == L && B % Gw == 0 && (Rw == 1 || Rw == R) && beta->sizes() == W->sizes(),
+                "pair_norm_forward: W and beta [Gw, 1 or R, la*lb] with Gw dividing B");
+  }
+  const int64_t groups = scope == kRow ? R : 1;
+  auto y = torch::empty({B, R, L}, a.options());
+  auto mean = torch::empty({B, groups}, a.options());
+  auto rstd = torch::empty({B, groups}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "pair_norm_forward", [&] {
+    pair_forward<scalar_t>(a.data_ptr<scalar_t>(), bv.data_ptr<scalar_t>(),
+                           affine ? W->data_ptr<scalar_t>() : nullptr, affine ? beta->data_ptr<scalar_t>() : nullptr,
+                           y.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), rstd.data_ptr<scalar_t>(), B, R, la, lb,
+                           Gw, Rw, static_cast<int>(scope), used, eps);
+  });
+  return {y, mean, rstd};
+}
+
+std::vector<torch::Tensor> pair_norm_backward(torch::Tensor a, torch::Tensor bv, c10::optional<torch::Tensor> W,
+                                              torch::Tensor mean, torch::Tensor rstd, torch::Tensor gy, int64_t scope,
+                                              int64_t used, bool affine_grad) {
+  check(a, "a"); check(bv, "b"); check(gy, "grad");
+  const int64_t B = a.size(0), R = a.size(1), la = a.size(2), lb = bv.size(2);
+  const bool affine = W.has_value() && W->defined();
+  const int64_t Gw = affine ? W->size(0) : 1, Rw = affine ? W->size(1) : 1;
+  auto ga = torch::empty_like(a);
+  auto gb = torch::empty_like(bv);
+  torch::Tensor gW, gbeta;
+  if (affine && affine_grad && scope != kNone) {
+    gW = torch::zeros_like(*W);
+    gbeta = torch::zeros_like(*W);
+  }
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "pair_norm_backward", [&] {
+    pair_backward<scalar_t>(a.data_ptr<scalar_t>(), bv.data_ptr<scalar_t>(), affine ? W->data_ptr<scalar_t>() : nullptr,
+                            mean.data_ptr<scalar_t>(), rstd.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(),
+                            ga.data_ptr<scalar_t>(), gb.data_ptr<scalar_t>(),
+                            gW.defined() ? gW.data_ptr<scalar_t>() : nullptr,
+                            gbeta.defined() ? gbeta.data_ptr<scalar_t>() : nullptr, B, R, la, lb, Gw, Rw,
+                            static_cast<int>(scope), used);
+  });
+  return {ga, gb, gW, gbeta};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -334,4 +544,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mixed_kron_backward", &mixed_kron_backward, "(grad w, grad P, grad Q) from G members' gradient rows");
   m.def("plain_kron_forward", &plain_kron_forward, "P[g,u,r] (x) Q[g,u,r] -> [G, U, R, p*q]");
   m.def("plain_kron_backward", &plain_kron_backward, "(grad P, grad Q) from G members' gradient rows");
+  m.def("pair_norm_forward", &pair_norm_forward, "(LN(a (x) b) with affine, mean, rstd)");
+  m.def("pair_norm_backward", &pair_norm_backward, "(grad a, grad b, grad W, grad beta)");
 }
