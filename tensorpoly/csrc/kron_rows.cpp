@@ -69,124 +69,161 @@ inline int64_t load_chunk(T* dst, int64_t padded, const T* row, int64_t n, int64
   return valid;
 }
 
+// C vectors of two output rows at once (2C accumulators in registers), summed over the S experts.
+template <int C, typename T, typename V>
+inline void mix_chunk(const V* Qv, int64_t nv, int64_t k, int64_t S, const T* c0, const T* c1, V* out0, V* out1) {
+  V a0[C] = {}, a1[C] = {};
+  for (int64_t s = 0; s < S; ++s) {
+    const V* qs = Qv + s * nv + k;
+    const T x0 = c0[s], x1 = c1[s];
+    for (int c = 0; c < C; ++c) {
+      a0[c] += x0 * qs[c];
+      a1[c] += x1 * qs[c];
+    }
+  }
+  for (int c = 0; c < C; ++c) {
+    out0[k + c] = a0[c];
+    out1[k + c] = a1[c];
+  }
+}
+
 template <typename T>
 void mixed_forward(const T* w, const T* P, const T* Q, T* out, int64_t G, int64_t U, int64_t S, int64_t R,
                    int64_t p, int64_t q) {
   using V = typename Lanes<T>::V;
   constexpr int64_t W = Lanes<T>::W;
   const int64_t nv = (q + W - 1) / W, L = p * q;
-  at::parallel_for(0, G * R, 1, [&](int64_t begin, int64_t end) {
-    std::vector<V> Qv(S * nv), acc(nv);
-    std::vector<T> coef(S);
-    for (int64_t gr = begin; gr < end; ++gr) {
-      const int64_t g = gr / R, r = gr % R;
+  // Blocks in the output's memory order (g, u, r): each writes one contiguous row after the previous one.
+  at::parallel_for(0, G * U * R, 1, [&](int64_t begin, int64_t end) {
+    std::vector<V> Qv(S * nv), acc0(nv), acc1(nv);
+    std::vector<T> coef0(S), coef1(S);
+    for (int64_t gur = begin; gur < end; ++gur) {
+      const int64_t g = gur / (U * R), u = (gur / R) % U, r = gur % R;
       for (int64_t s = 0; s < S; ++s) {
         T* dst = reinterpret_cast<T*>(&Qv[s * nv]);
         std::memset(dst, 0, nv * W * sizeof(T));
         std::memcpy(dst, Q + ((g * S + s) * R + r) * q, q * sizeof(T));
       }
-      for (int64_t u = 0; u < U; ++u) {
-        const T* wu = w + (g * U + u) * S;
-        T* row = out + ((g * U + u) * R + r) * L;
-        for (int64_t i = 0; i < p; ++i) {
-          for (int64_t s = 0; s < S; ++s) coef[s] = wu[s] * P[((g * S + s) * R + r) * p + i];
-          int64_t k = 0;
-          for (; k + 4 <= nv; k += 4) {  // four vectors of the row in registers, summed over the experts
-            V a0{}, a1{}, a2{}, a3{};
-            for (int64_t s = 0; s < S; ++s) {
-              const V* qs = &Qv[s * nv + k];
-              const T c = coef[s];
-              a0 += c * qs[0]; a1 += c * qs[1]; a2 += c * qs[2]; a3 += c * qs[3];
-            }
-            acc[k] = a0; acc[k + 1] = a1; acc[k + 2] = a2; acc[k + 3] = a3;
-          }
-          for (; k < nv; ++k) {
-            V a{};
-            for (int64_t s = 0; s < S; ++s) a += coef[s] * Qv[s * nv + k];
-            acc[k] = a;
-          }
-          store_chunk(row + i * q, acc.data(), nv, q, i * q + nv * W <= L);
+      const T* wu = w + (g * U + u) * S;
+      T* row = out + gur * L;
+      for (int64_t i = 0; i < p; i += 2) {
+        const int64_t i1 = std::min(i + 1, p - 1);  // an odd last row is computed twice, stored once
+        for (int64_t s = 0; s < S; ++s) {
+          const T* Ps = P + ((g * S + s) * R + r) * p;
+          coef0[s] = wu[s] * Ps[i];
+          coef1[s] = wu[s] * Ps[i1];
         }
+        int64_t k = 0;
+        for (; k + 4 <= nv; k += 4) mix_chunk<4>(Qv.data(), nv, k, S, coef0.data(), coef1.data(), acc0.data(), acc1.data());
+        if (k + 2 <= nv) {
+          mix_chunk<2>(Qv.data(), nv, k, S, coef0.data(), coef1.data(), acc0.data(), acc1.data());
+          k += 2;
+        }
+        if (k < nv) mix_chunk<1>(Qv.data(), nv, k, S, coef0.data(), coef1.data(), acc0.data(), acc1.data());
+        store_chunk(row + i * q, acc0.data(), nv, q, i * q + nv * W <= L);
+        if (i1 != i) store_chunk(row + i1 * q, acc1.data(), nv, q, i1 * q + nv * W <= L);
       }
     }
   });
 }
 
 template <typename T>
-void mixed_backward(const T* w, const T* P, const T* Q, const std::vector<Rows>& grads, T* gw_parts, T* gP, T* gQ,
+void mixed_backward(const T* w, const T* P, const T* Q, const std::vector<Rows>& grads, T* gw, T* gP, T* gQ,
                     int64_t G, int64_t U, int64_t S, int64_t R, int64_t p, int64_t q) {
   using V = typename Lanes<T>::V;
   constexpr int64_t W = Lanes<T>::W;
   const int64_t nv = (q + W - 1) / W, ns = (S + W - 1) / W;
-  at::parallel_for(0, G * R, 1, [&](int64_t begin, int64_t end) {
-    // Per block: Q padded [S][nv], Q transposed [q][ns] and P transposed [p][ns] (experts along the lanes).
-    std::vector<V> Qv(S * nv), Qt(q * ns), Pt(p * ns), gq(S * nv), gPt(p * ns), wv(ns), gwu(ns), gi(nv), dots(ns);
-    for (int64_t gr = begin; gr < end; ++gr) {
-      const int64_t g = gr / R, r = gr % R;
+  // One member per task, its gradient rows read in memory order (u, r); its operands for all r stay in L2.
+  at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
+    // Per rank row r: Q transposed [q][ns] and P transposed [p][ns] (experts along the lanes), and the
+    // gradients of Q [S][nv] and of P (transposed) being accumulated over the tasks u.
+    std::vector<V> Qt(R * q * ns), Pt(R * p * ns), gq(R * S * nv), gPt(R * p * ns), wv(ns), gwu(ns);
+    std::vector<V> gi0(nv), gi1(nv), dots0(ns), dots1(ns);
+    for (int64_t g = begin; g < end; ++g) {
       std::fill(Qt.begin(), Qt.end(), V{});
       std::fill(Pt.begin(), Pt.end(), V{});
       std::fill(gq.begin(), gq.end(), V{});
       std::fill(gPt.begin(), gPt.end(), V{});
-      T* qt = reinterpret_cast<T*>(Qt.data());
-      T* pt = reinterpret_cast<T*>(Pt.data());
-      for (int64_t s = 0; s < S; ++s) {
-        const T* Qs = Q + ((g * S + s) * R + r) * q;
-        const T* Ps = P + ((g * S + s) * R + r) * p;
-        T* dst = reinterpret_cast<T*>(&Qv[s * nv]);
-        std::memset(dst, 0, nv * W * sizeof(T));
-        std::memcpy(dst, Qs, q * sizeof(T));
-        for (int64_t j = 0; j < q; ++j) qt[j * ns * W + s] = Qs[j];
-        for (int64_t i = 0; i < p; ++i) pt[i * ns * W + s] = Ps[i];
+      for (int64_t r = 0; r < R; ++r) {
+        T* qt = reinterpret_cast<T*>(Qt.data() + r * q * ns);
+        T* pt = reinterpret_cast<T*>(Pt.data() + r * p * ns);
+        for (int64_t s = 0; s < S; ++s) {
+          const T* Qs = Q + ((g * S + s) * R + r) * q;
+          const T* Ps = P + ((g * S + s) * R + r) * p;
+          for (int64_t j = 0; j < q; ++j) qt[j * ns * W + s] = Qs[j];
+          for (int64_t i = 0; i < p; ++i) pt[i * ns * W + s] = Ps[i];
+        }
       }
       const Rows& m = grads[g];
+      // Chunk i of a gradient row into buf (vectors): its lanes past q, or past the cut, only reach gq
+      // lanes that are never written out. Returns how many of its q entries are valid (0: all zero).
+      auto load = [&](const T* row, int64_t i, V* buf) -> int64_t {
+        if (i >= p) {
+          std::fill(buf, buf + nv, V{});
+          return 0;
+        }
+        if (i * q + nv * W > m.n) return load_chunk(reinterpret_cast<T*>(buf), nv * W, row, m.n, i * q, q);
+        for (int64_t k = 0; k < nv; ++k) buf[k] = load_vec<V>(row + i * q + k * W);
+        return q;
+      };
+      // dots[s] = <gradient chunk, Q[s]>, for all experts at once
+      auto dot = [&](const V* buf, int64_t valid, const V* qt, V* dots) {
+        const T* gis = reinterpret_cast<const T*>(buf);
+        for (int64_t t = 0; t < ns; ++t) {
+          V d0{}, d1{}, d2{}, d3{};
+          int64_t j = 0;
+          for (; j + 4 <= valid; j += 4) {
+            d0 += gis[j] * qt[j * ns + t];
+            d1 += gis[j + 1] * qt[(j + 1) * ns + t];
+            d2 += gis[j + 2] * qt[(j + 2) * ns + t];
+            d3 += gis[j + 3] * qt[(j + 3) * ns + t];
+          }
+          for (; j < valid; ++j) d0 += gis[j] * qt[j * ns + t];
+          dots[t] = (d0 + d1) + (d2 + d3);
+        }
+      };
       for (int64_t u = 0; u < U; ++u) {
         std::fill(wv.begin(), wv.end(), V{});
         std::memcpy(wv.data(), w + (g * U + u) * S, S * sizeof(T));
         std::fill(gwu.begin(), gwu.end(), V{});
-        const T* row = m.base ? static_cast<const T*>(m.base) + u * m.su + r * m.sr : nullptr;
-        for (int64_t i = 0; row && i < p; ++i) {
-          // The chunk's lanes past q (or past the cut) only reach gq lanes that are never written out.
-          const T* gis = row + i * q;
-          int64_t valid = q;
-          if (i * q + nv * W > m.n) {
-            gis = reinterpret_cast<T*>(gi.data());
-            valid = load_chunk(reinterpret_cast<T*>(gi.data()), nv * W, row, m.n, i * q, q);
-            if (!valid) break;  // the rest of the row lies past the cut: zero
-          } else {
-            for (int64_t k = 0; k < nv; ++k) gi[k] = load_vec<V>(gis + k * W);
-          }
-          // dots[s] = <gradient chunk, Q[s]>, for all experts at once
-          for (int64_t t = 0; t < ns; ++t) {
-            V d0{}, d1{}, d2{}, d3{};
-            int64_t j = 0;
-            for (; j + 4 <= valid; j += 4) {
-              d0 += gis[j] * Qt[j * ns + t];
-              d1 += gis[j + 1] * Qt[(j + 1) * ns + t];
-              d2 += gis[j + 2] * Qt[(j + 2) * ns + t];
-              d3 += gis[j + 3] * Qt[(j + 3) * ns + t];
+        for (int64_t r = 0; m.base && r < R; ++r) {
+          const T* row = static_cast<const T*>(m.base) + u * m.su + r * m.sr;
+          const V* qt = Qt.data() + r * q * ns;
+          const V* pt = Pt.data() + r * p * ns;
+          V* gpt = gPt.data() + r * p * ns;
+          V* gqr = gq.data() + r * S * nv;
+          for (int64_t i = 0; i < p; i += 2) {  // two rows at a time: gq is loaded and stored once for both
+            const int64_t valid0 = load(row, i, gi0.data());
+            if (!valid0) break;  // the rest of the row lies past the cut: zero
+            const int64_t valid1 = load(row, i + 1, gi1.data());
+            dot(gi0.data(), valid0, qt, dots0.data());
+            dot(gi1.data(), valid1, qt, dots1.data());
+            for (int64_t t = 0; t < ns; ++t) {
+              const V p0 = pt[i * ns + t], p1 = valid1 ? pt[(i + 1) * ns + t] : V{};
+              gpt[i * ns + t] += wv[t] * dots0[t];
+              if (valid1) gpt[(i + 1) * ns + t] += wv[t] * dots1[t];
+              gwu[t] += p0 * dots0[t] + p1 * dots1[t];
+              dots0[t] = wv[t] * p0;  // now the coefficients of the chunks in each expert's gQ
+              dots1[t] = wv[t] * p1;
             }
-            for (; j < valid; ++j) d0 += gis[j] * Qt[j * ns + t];
-            dots[t] = (d0 + d1) + (d2 + d3);
-          }
-          for (int64_t t = 0; t < ns; ++t) {
-            gPt[i * ns + t] += wv[t] * dots[t];
-            gwu[t] += Pt[i * ns + t] * dots[t];
-            dots[t] = wv[t] * Pt[i * ns + t];  // now the coefficient of the chunk in each expert's gQ
-          }
-          const T* coef = reinterpret_cast<const T*>(dots.data());
-          for (int64_t s = 0; s < S; ++s) {
-            const T c = coef[s];
-            V* acc = &gq[s * nv];
-            for (int64_t k = 0; k < nv; ++k) acc[k] += c * gi[k];
+            const T* c0 = reinterpret_cast<const T*>(dots0.data());
+            const T* c1 = reinterpret_cast<const T*>(dots1.data());
+            for (int64_t s = 0; s < S; ++s) {
+              const T x0 = c0[s], x1 = c1[s];
+              V* acc = gqr + s * nv;
+              for (int64_t k = 0; k < nv; ++k) acc[k] += x0 * gi0[k] + x1 * gi1[k];
+            }
           }
         }
-        std::memcpy(gw_parts + ((g * R + r) * U + u) * S, gwu.data(), S * sizeof(T));
+        std::memcpy(gw + (g * U + u) * S, gwu.data(), S * sizeof(T));
       }
-      const T* gpt = reinterpret_cast<const T*>(gPt.data());
-      for (int64_t s = 0; s < S; ++s) {
-        T* gPs = gP + ((g * S + s) * R + r) * p;
-        for (int64_t i = 0; i < p; ++i) gPs[i] = gpt[i * ns * W + s];
-        std::memcpy(gQ + ((g * S + s) * R + r) * q, &gq[s * nv], q * sizeof(T));
+      for (int64_t r = 0; r < R; ++r) {
+        const T* gpt = reinterpret_cast<const T*>(gPt.data() + r * p * ns);
+        for (int64_t s = 0; s < S; ++s) {
+          T* gPs = gP + ((g * S + s) * R + r) * p;
+          for (int64_t i = 0; i < p; ++i) gPs[i] = gpt[i * ns * W + s];
+          std::memcpy(gQ + ((g * S + s) * R + r) * q, gq.data() + (r * S + s) * nv, q * sizeof(T));
+        }
       }
     }
   });
@@ -448,15 +485,15 @@ std::vector<torch::Tensor> mixed_kron_backward(torch::Tensor w, torch::Tensor P,
   check(w, "w"); check(P, "P"); check(Q, "Q");
   const int64_t G = w.size(0), U = w.size(1), S = w.size(2), R = P.size(2), p = P.size(3), q = Q.size(3);
   check_grads(grads, G, U, R, p * q, P.scalar_type());
-  auto gw_parts = torch::empty({G, R, U, S}, P.options());
+  auto gw = torch::empty({G, U, S}, P.options());
   auto gP = torch::empty_like(P);
   auto gQ = torch::empty_like(Q);
   AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "mixed_kron_backward", [&] {
     mixed_backward<scalar_t>(w.data_ptr<scalar_t>(), P.data_ptr<scalar_t>(), Q.data_ptr<scalar_t>(),
-                             rows_of<scalar_t>(grads), gw_parts.data_ptr<scalar_t>(), gP.data_ptr<scalar_t>(),
+                             rows_of<scalar_t>(grads), gw.data_ptr<scalar_t>(), gP.data_ptr<scalar_t>(),
                              gQ.data_ptr<scalar_t>(), G, U, S, R, p, q);
   });
-  return {gw_parts.sum(1), gP, gQ};
+  return {gw, gP, gQ};
 }
 
 torch::Tensor plain_kron_forward(torch::Tensor P, torch::Tensor Q) {
