@@ -17,6 +17,8 @@ tests/test_per_example.py checks that both give equal outputs and gradients.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from .adapters.tensorpoly import TensorPolyIILinear, TensorPolyILinear
@@ -35,7 +37,8 @@ class PerExampleForward:
         else:
             ids = self._routing.row_ids(self._side, n)
         weights = router(ids)  # [n, splits, S]: one routing row per example
-        with fused_kernels(False):  # the anchor runs the paper code's PyTorch ops, not our fused kernel
+        # The anchor runs the paper code's PyTorch ops, not our fused kernel, unless asked to (tests).
+        with nullcontext() if self._literal_kernels else fused_kernels(False):
             A, B = self.factors(weights)  # [n, d_in, r], [n, r, d_out]: one factor pair per example
         flat = x.reshape(n, -1, x.shape[-1])
         delta = torch.bmm(torch.bmm(flat, A.to(x.dtype)), B.to(x.dtype))
@@ -53,17 +56,20 @@ class PerExampleTensorPolyIILinear(PerExampleForward, TensorPolyIILinear):
 LITERAL = {TensorPolyILinear: PerExampleTensorPolyILinear, TensorPolyIILinear: PerExampleTensorPolyIILinear}
 
 
-def per_example(model):
+def per_example(model, fused_kernels: bool = False):
     """Switch a TensorPoly-I/II model's layers to the literal per-example algorithm, in place.
 
-    The parameters, routers and state dict are untouched; only the forward changes.
-    Returns the model.
+    The parameters, routers and state dict are untouched; only the forward changes. Its factors are
+    built with PyTorch's ops, as the paper code builds them; fused_kernels=True lets them use our fused
+    CPU kernel where it runs (kron_kernel), so that a comparison isolates the algorithm from the
+    primitives' rounding. Returns the model.
     """
     switched = 0
     for _, adapter in model.adapters():
         literal = LITERAL.get(type(adapter))
         if literal is not None:
             adapter.__class__ = literal
+            adapter._literal_kernels = fused_kernels
             switched += 1
     if not switched:
         raise TypeError(f"per_example() applies to tensorpoly1/tensorpoly2 models, not {model.config.module_type}")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import adapted, batch
+from tensorpoly import kron_kernel
 from tensorpoly.per_example import per_example
 
 
@@ -61,16 +62,25 @@ def assert_grads_equal(fast, literal):
 BUILDS = {"whole": dict(), "layerwise": dict(whole_factors=False), "recompute": dict(recompute_factors=True)}
 
 
+# The primitives both sides build their factors with: PyTorch's ops, or our fused CPU kernel. Two correct
+# float64 LayerNorms can differ by ~1e-10 once 1/sigma amplifies their rounding (tensorpoly2 order 2
+# with a trainable affine: 1.7e-10 between the kernel and the ops), so each side uses the same one
+# here; tests/test_kron_kernel.py compares the kernel with the ops.
+KERNELS = ["ops"] + (["fused"] if kron_kernel.extension() is not None else [])
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("build", sorted(BUILDS))
 @pytest.mark.parametrize("layout", sorted(TASK_IDS))
 @pytest.mark.parametrize("module_type,fields", CASES, ids=[f"{t}-{f}" for t, f in CASES])
-def test_fast_path_equals_literal_per_example(module_type, fields, layout, build):
+def test_fast_path_equals_literal_per_example(module_type, fields, layout, build, kernels):
     model = adapted(module_type, **fields).train()
-    literal = per_example(copy.deepcopy(model))
+    literal = per_example(copy.deepcopy(model), fused_kernels=kernels == "fused")
     for name, value in BUILDS[build].items():
         setattr(model.task_routing, name, value)
-    fast_logits, fast_grads = run(model, TASK_IDS[layout])
-    literal_logits, literal_grads = run(literal, TASK_IDS[layout])
+    with kron_kernel.fused_kernels(kernels == "fused"):
+        fast_logits, fast_grads = run(model, TASK_IDS[layout])
+        literal_logits, literal_grads = run(literal, TASK_IDS[layout])
     torch.testing.assert_close(fast_logits, literal_logits, rtol=0, atol=1e-10)
     assert_grads_equal(fast_grads, literal_grads)
     # Every adapted layer went through its group, none through the per-layer path.
