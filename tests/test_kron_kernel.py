@@ -189,3 +189,31 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
     model = adapted("tensorpoly2", order=4).train()
     logits, grads = run_step(model, [1, 0])
     assert torch.isfinite(logits).all() and grads
+
+
+@needs_kernel
+def test_several_threads_give_the_single_thread_results():
+    """The kernels split their work over torch's threads: no two threads write the same gradient."""
+    w, P, Q = operands(True, 4, 3, 5, 6, 7, 6, torch.float64, seed=5)
+    g = torch.Generator().manual_seed(4)
+    a, b = (torch.randn(4, 6, 5, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
+    W = torch.randn(2, 6, 25, generator=g, dtype=torch.float64).requires_grad_()
+    beta = torch.randn(2, 6, 25, generator=g, dtype=torch.float64).requires_grad_()
+
+    def run():
+        rows = kron_kernel.KronRows.apply(w, P, Q, 40, False)
+        plain = kron_kernel.KronRows.apply(None, P, Q, 40, True)
+        pair = kron_kernel.PairNorm.apply(a, b, W, beta, 1, 20, 1e-5)
+        loss = sum((m ** 2).sum() for m in rows + plain) + (pair ** 3).sum()
+        return torch.autograd.grad(loss, [w, P, Q, a, b, W, beta])
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(3)
+        several = run()
+    finally:
+        torch.set_num_threads(threads)
+    for x, y in zip(several, one):
+        torch.testing.assert_close(x, y, rtol=1e-13, atol=1e-13)
