@@ -162,6 +162,30 @@ def test_model_with_kernel_equals_model_without(module_type, fields, monkeypatch
         torch.testing.assert_close(grads_on[name], grads_off[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
+@needs_kernel
+@pytest.mark.parametrize("module_type", ["tensorpoly1", "tensorpoly2", "tlora"])
+@pytest.mark.parametrize("build", [dict(whole_factors=False), dict(recompute_factors=True)],
+                         ids=["layerwise", "recompute"])
+def test_layerwise_and_recompute_paths_with_kernel_equal_the_ops(module_type, build, monkeypatch):
+    """Each member finishing its own rows (and rebuilding them in the backward pass) runs the kernel on
+    its slice of the group's operands."""
+    calls = []
+    apply = kron_kernel.KronRows.apply
+    monkeypatch.setattr(kron_kernel.KronRows, "apply", lambda *a: calls.append(a) or apply(*a))
+    model = adapted(module_type, order=4).train()
+    for name, value in build.items():
+        setattr(model.task_routing, name, value)
+    task_ids = [2, 0, 2, 3] if module_type != "tlora" else [0, 0, 0]
+    with kron_kernel.fused_kernels(False):
+        logits_off, grads_off = run_step(model, task_ids)
+    logits_on, grads_on = run_step(model, task_ids)
+    assert calls and all(call[1].shape[0] == 1 for call in calls)  # one member per call
+    torch.testing.assert_close(logits_on, logits_off, rtol=1e-12, atol=1e-12)
+    assert grads_on.keys() == grads_off.keys()
+    for name in grads_on:
+        torch.testing.assert_close(grads_on[name], grads_off[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
 def test_operands_the_kernel_does_not_take_use_pytorch_ops():
     P = torch.randn(1, 1, 2, 3)
     assert not kron_kernel.usable(P.bfloat16(), P.bfloat16())

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..tensor_product import build_rows, kron_chain, last_product, mix_kron_chain, row_factors
-from .tlora import GROUP_PAIRS_FROM_ORDER, TensorFactors
+from ..tensor_product import build_rows, last_product, mix_kron_chain, row_factors
+from .tlora import TensorFactors
 
 
 class TensorPolyILinear(TensorFactors):
@@ -31,21 +31,14 @@ class TensorPolyILinear(TensorFactors):
         return w, P, Q
 
     @classmethod
-    def side_rows(cls, members, side, d, weights):
+    def own_side_rows(cls, members, side, d, weights):
         w = weights[:, :, 0].to(members[0].leaves_A.dtype).unbind(0)  # [U, S] per member
 
-        def make(w, *factors):
-            return mix_kron_chain(w, list(factors), d)
+        def make_own(w, leaves, norms):  # leaves [N, S, r, l]
+            return mix_kron_chain(w, row_factors(leaves.transpose(0, 1), d, norms), d)
 
-        if members[0].order < GROUP_PAIRS_FROM_ORDER:
-            def make_own(w, leaves, norms):  # leaves [N, S, r, l]
-                return make(w, *row_factors(leaves.transpose(0, 1), d, norms))
-            return [(lambda w, leaves, norms=getattr(m, f"norms_{side}"): make_own(w, leaves, norms),
-                     (w[g], getattr(m, f"leaves_{side}"))) for g, m in enumerate(members)]
-        leaves, norms = cls.stacked(members, side, lead=1)  # [G, N, S, r, l]
-
-        per_member = cls.member_factors(len(members), row_factors(leaves.transpose(1, 2), d, norms))  # [S, r, len]
-        return [(make, (w[g], *f)) for g, f in enumerate(per_member)]
+        return [(lambda w, leaves, norms=getattr(m, f"norms_{side}"): make_own(w, leaves, norms),
+                 (w[g], getattr(m, f"leaves_{side}"))) for g, m in enumerate(members)]
 
 
 class TensorPolyIILinear(TensorFactors):
@@ -77,13 +70,7 @@ class TensorPolyIILinear(TensorFactors):
         return (None, *last_product(row_factors(mixed, d, norms), d))  # [G, U, r, p], [G, U, r, q]
 
     @classmethod
-    def side_rows(cls, members, side, d, weights):
+    def own_side_rows(cls, members, side, d, weights):
         mixed, norms = cls.mixed_leaves(members, side, weights)
-        if members[0].order < GROUP_PAIRS_FROM_ORDER:
-            return [(lambda x, norms=getattr(m, f"norms_{side}"): build_rows(x, d, norms), (x,))
-                    for m, x in zip(members, mixed.unbind(0))]
-
-        def make(*factors):
-            return kron_chain(list(factors), d)
-
-        return [(make, f) for f in cls.member_factors(len(members), row_factors(mixed, d, norms))]  # [U, r, len]
+        return [(lambda x, norms=getattr(m, f"norms_{side}"): build_rows(x, d, norms), (x,))
+                for m, x in zip(members, mixed.unbind(0))]

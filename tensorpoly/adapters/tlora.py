@@ -108,14 +108,23 @@ class TensorFactors(AdapterLinear):
     @classmethod
     def side_rows(cls, members, side: str, d: int, weights) -> list[tuple]:
         """Per member (make, pieces): make(*pieces) -> its rows [U, r, d] of one factor side. Every
-        tensor that make uses and that needs a gradient is a piece or a parameter of the member."""
-        raise NotImplementedError
+        tensor that make uses and that needs a gradient is a piece or a parameter of the member.
+        From GROUP_PAIRS_FROM_ORDER on the pieces are the member's operands of the last product (its
+        slices of group_operands), below it what own_side_rows gives."""
+        if members[0].order < GROUP_PAIRS_FROM_ORDER:
+            return cls.own_side_rows(members, side, d, weights)
+        w, P, Q = cls.group_operands(members, side, d, weights)
+        P, Q = P.unbind(0), Q.unbind(0)
+        if w is None:
+            return [(lambda P, Q: member_rows(None, P, Q, d), (P[g], Q[g])) for g in range(len(members))]
+        w = w.unbind(0)
+        return [(lambda w, P, Q: member_rows(w, P, Q, d), (w[g], P[g], Q[g])) for g in range(len(members))]
 
-    @staticmethod
-    def member_factors(n_members: int, factors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-        """Group-stacked factors [G, ...] -> each member's list of factors."""
-        per_factor = [f.unbind(0) for f in factors]
-        return [tuple(f[g] for f in per_factor) for g in range(n_members)]
+    @classmethod
+    def own_side_rows(cls, members, side: str, d: int, weights) -> list[tuple]:
+        """side_rows below GROUP_PAIRS_FROM_ORDER, where a leaf pair is a whole row: each member builds
+        its rows from its own leaves (and routing weights)."""
+        raise NotImplementedError
 
 
 def group_members(w, P, Q, d: int, transpose: bool) -> tuple:
@@ -126,6 +135,14 @@ def group_members(w, P, Q, d: int, transpose: bool) -> tuple:
         return kron_kernel.KronRows.apply(w, P, Q, d, transpose)
     rows = kron_chain([P, Q], d, cut=False) if w is None else mix_kron_chain(w, [P, Q], d, cut=False)
     return MemberRows.apply(rows, d, transpose)
+
+
+def member_rows(w, P, Q, d: int) -> torch.Tensor:
+    """One member's rows [U, r, d] from its operands of the last product (w [U, S], P [S, r, p], Q [S, r, q];
+    w None: P [U, r, p], Q [U, r, q]), by the fused kernel where it runs."""
+    if kron_kernel.usable(P, Q, *(() if w is None else (w,))):
+        return kron_kernel.KronRows.apply(None if w is None else w[None], P[None], Q[None], d, False)[0]
+    return kron_chain([P, Q], d) if w is None else mix_kron_chain(w, [P, Q], d)
 
 
 class MemberRows(torch.autograd.Function):
@@ -194,12 +211,5 @@ class TLoRALinear(TensorFactors):
         return None, P.unsqueeze(1), Q.unsqueeze(1)
 
     @classmethod
-    def side_rows(cls, members, side, d, weights):
-        if members[0].order < GROUP_PAIRS_FROM_ORDER:
-            return [(own_rows(m, side, d), (getattr(m, f"leaves_{side}"),)) for m in members]
-        leaves, norms = cls.stacked(members, side, lead=0)  # [G, N, r, l]
-
-        def make(*factors):
-            return kron_chain(list(factors), d).unsqueeze(0)
-
-        return [(make, f) for f in cls.member_factors(len(members), row_factors(leaves, d, norms))]
+    def own_side_rows(cls, members, side, d, weights):
+        return [(own_rows(m, side, d), (getattr(m, f"leaves_{side}"),)) for m in members]
