@@ -7,11 +7,11 @@
 
 Rows: the frozen backbone (the floor: forward and backward through the frozen network, nothing
 to update), PEFT LoRA r16, our LoRA r16, TLoRA, PEFT Poly, our Poly, MHR, TensorPoly-I and -II at
-order 2 and 4, the same at order 4 with the group's last Kronecker product by PyTorch ops instead of
-the fused CPU kernel (tensorpoly/kron_kernel.py: what the kernel gains; on a GPU both rows run the
-ops), with each layer finishing its own factors (whole_factors=False,
-the previous fast path: what building a layer group's factors all at once gains) and with the
-factors rebuilt in the backward pass (recompute_factors: what saving their memory costs), and the
+order 2 and 4, the same at order 4 with every factor built by PyTorch ops and multiplied by its
+matmuls (no fused CPU kernel, tensorpoly/kron_kernel.py: what the kernels gain; on a GPU both rows
+run the ops), with the factors built by the kernels but materialised and multiplied by PyTorch's
+matmuls (no fused low-rank update: what never storing the factors gains), the same with the
+factors rebuilt in the backward pass (recompute_factors: what saving their memory costs there), and the
 literal per-example TensorPoly-I/II (tensorpoly/per_example.py: the paper code's algorithm) as the
 anchor. Every batch mixes `distinct` different tasks.
 
@@ -91,9 +91,13 @@ class Variant:
     kind: str  # floor | peft_lora | peft_poly | ours | literal
     fields: dict = field(default_factory=dict)
     recompute: bool = False  # TaskRouting.recompute_factors: factors rebuilt in the backward pass
-    layerwise: bool = False  # TaskRouting.whole_factors=False: each layer finishes its own factors
     compile: str | None = None  # None (eager) | "factors" | "model": see --compile
     fused: bool = True  # False: the group's last Kronecker product by PyTorch ops, not the fused CPU kernel
+    low_rank: bool = True  # False: the tensor adapters' factors materialised, not the fused low-rank update
+
+    def kernels(self):
+        """The kron_kernel switches this row runs under."""
+        return fused_kernels(self.fused, self.fused and self.low_rank)
 
     @property
     def settings(self) -> str:
@@ -128,11 +132,11 @@ def variants(mhr_heads: int) -> list[Variant]:
         rows.append(Variant(f"{kind}_n4_torch_ops", f"{label}, PyTorch ops (no fused kernel)", "ours",
                             dict(module_type=kind, order=4, **tp), fused=False))
     for kind, label in (("tensorpoly1", "TensorPoly-I"), ("tensorpoly2", "TensorPoly-II")):
-        rows.append(Variant(f"{kind}_n4_layerwise", f"{label}, per-layer factor products", "ours",
-                            dict(module_type=kind, order=4, **tp), layerwise=True))
+        rows.append(Variant(f"{kind}_n4_materialised", f"{label}, factors materialised (no fused update)", "ours",
+                            dict(module_type=kind, order=4, **tp), low_rank=False))
     for kind, label in (("tensorpoly1", "TensorPoly-I"), ("tensorpoly2", "TensorPoly-II")):
-        rows.append(Variant(f"{kind}_n4_recompute", f"{label}, recompute_factors", "ours",
-                            dict(module_type=kind, order=4, **tp), recompute=True))
+        rows.append(Variant(f"{kind}_n4_recompute", f"{label}, materialised, recompute_factors", "ours",
+                            dict(module_type=kind, order=4, **tp), recompute=True, low_rank=False))
     for kind, label in (("tensorpoly1", "TensorPoly-I"), ("tensorpoly2", "TensorPoly-II")):
         for order in (2, 4):
             rows.append(Variant(f"literal_{kind}_n{order}", f"{label}, literal per-example", "literal",
@@ -228,6 +232,8 @@ def construction_step(model, task_ids: torch.Tensor, compiled: bool = False, dyn
     """Only what --compile factors compiles: every layer group's factors for the batch's distinct tasks
     (the group build and each member's make, as in a training step), forward and backward (through
     the sum of their squares), without the backbone."""
+    from tensorpoly import kron_kernel
+    from tensorpoly.adapters.tlora import KronFactors
     from tensorpoly.tensor_product import compiled_factors
 
     routing = model.task_routing
@@ -237,7 +243,10 @@ def construction_step(model, task_ids: torch.Tensor, compiled: bool = False, dyn
         for group in routing._groups.values():
             ids = torch.unique(task_ids) if group.members[0].routed else None
             for factors in group.build(ids, whole):
-                outs.extend(factors.materialize())
+                if isinstance(factors, KronFactors) and kron_kernel.low_rank_usable(*factors.pieces):
+                    outs.extend(factors.pieces)  # the fused update takes the operands: no factors built
+                else:
+                    outs.extend(factors.materialize())
     if outs:
         sum((o.float() ** 2).sum() for o in outs).backward()
     model.zero_grad(set_to_none=True)
@@ -284,7 +293,6 @@ def build(variant: Variant, config, preset: dict, tasks: list[str], seed: int):
     if variant.kind == "literal":
         per_example(model)
     model.task_routing.recompute_factors = variant.recompute
-    model.task_routing.whole_factors = not variant.layerwise
     ids_key = "task_ids" if routed else None
     return model, lambda b: model(input_ids=b["input_ids"], labels=b["labels"],
                                   task_ids=b[ids_key] if ids_key else None).loss
@@ -324,7 +332,7 @@ class Runner:
 
     def train_step(self) -> None:
         self.model.train()
-        with fused_kernels(self.variant.fused):
+        with self.variant.kernels():
             loss = self.call(self.batch)
             loss.backward()
         if self.optimizer is not None:
@@ -334,7 +342,7 @@ class Runner:
     @torch.no_grad()
     def eval_forward(self) -> None:
         self.model.eval()
-        with fused_kernels(self.variant.fused):
+        with self.variant.kernels():
             self.call(self.batch)
 
     def timed(self, fn, into: list | None) -> None:
@@ -708,7 +716,7 @@ def main(argv=None) -> int:
         return r.variant.kind == "ours" and bool(r.model.task_routing._groups)
 
     def construct(r: Runner) -> None:
-        with fused_kernels(r.variant.fused):
+        with r.variant.kernels():
                 construction_step(r.model, batch["task_ids"], r.variant.compile == "factors", args.compile_dynamic)
 
     started = time.perf_counter()

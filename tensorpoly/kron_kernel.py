@@ -29,12 +29,13 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "kron_rows.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("kron_rows.cpp", "kron_lowrank.cpp")]
 FUSED_DTYPES = (torch.float32, torch.float64)
 
 
 class _State:
     enabled = os.environ.get("TENSORPOLY_FUSED_KERNELS", "1") not in ("0", "false", "False")
+    low_rank = True  # with enabled: the tensor adapters' update by KronLowRank, factors never stored
     module = None
     failed: str | None = None
 
@@ -74,7 +75,7 @@ def extension():
             from torch.utils.cpp_extension import load
 
             _ninja_on_path()
-            _STATE.module = load(name=f"tensorpoly_kron_rows_{_cpu_signature()}", sources=[str(SOURCE)],
+            _STATE.module = load(name=f"tensorpoly_kron_rows_{_cpu_signature()}", sources=[str(s) for s in SOURCES],
                                  extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
         except Exception as error:  # no compiler, no headers, a failed build: the PyTorch ops still work
             _STATE.failed = f"{type(error).__name__}: {error}"
@@ -94,15 +95,22 @@ def usable(*tensors: torch.Tensor) -> bool:
     return tensors[0].dtype in FUSED_DTYPES and extension() is not None
 
 
+def low_rank_usable(*tensors: torch.Tensor) -> bool:
+    """Whether KronLowRank can compute an update from these tensors (input, output, operands)."""
+    return _STATE.low_rank and usable(*tensors)
+
+
 @contextmanager
-def fused_kernels(enabled: bool = True):
-    """Switch the fused kernel on or off within the context (the benchmark's A/B; tests)."""
-    saved = _STATE.enabled
-    _STATE.enabled = enabled
+def fused_kernels(enabled: bool = True, low_rank: bool | None = None):
+    """Switch the fused kernels on or off within the context (the benchmark's A/B; tests). low_rank
+    (default: as enabled) switches only the fused low-rank update: off, the factors are materialised
+    by the construction kernels and multiplied by PyTorch's matmuls."""
+    saved = _STATE.enabled, _STATE.low_rank
+    _STATE.enabled, _STATE.low_rank = enabled, enabled if low_rank is None else low_rank
     try:
         yield
     finally:
-        _STATE.enabled = saved
+        _STATE.enabled, _STATE.low_rank = saved
 
 
 class KronRows(torch.autograd.Function):
@@ -187,3 +195,44 @@ class PairNorm(torch.autograd.Function):
         ga, gb, gW, gbeta = extension().pair_norm_backward(a, b, W, mean, rstd, grad.contiguous(), ctx.scope,
                                                            ctx.used, affine_grad)
         return ga, gb, gW if affine_grad else None, gbeta if affine_grad else None, None, None, None
+
+
+def low_rank(x: torch.Tensor, out: torch.Tensor, inverse: torch.Tensor | None, rank: int,
+             operands_A: tuple, operands_B: tuple) -> torch.Tensor:
+    """out + (1/rank) (x A_t) B_t with every factor row a Kronecker product of its operands (w, P, Q)
+    (w None: plain; see KronRows), computed by the fused kernel without the factors ever being stored.
+    Row b of x uses task inverse[b] (None: task b, or the only task)."""
+    w, P, _ = operands_A
+    U, n = (w if w is not None else P).shape[0], x.shape[0]
+    if inverse is not None:
+        task = inverse
+    elif U == 1:
+        task = torch.zeros(n, dtype=torch.long)
+    else:
+        task = torch.arange(n)
+    return KronLowRank.apply(x, out, task, 1.0 / rank, *operands_A, *operands_B)
+
+
+class KronLowRank(torch.autograd.Function):
+    """apply(x [n, ..., d_in], out [n, ..., d_out], task [n], scale, wA, PA, QA, wB, PB, QB) -> out +
+    scale (x A_u) B_u (csrc/kron_lowrank.cpp). Keeps for the backward pass x, the rank-sized
+    intermediate and the operands: never the factors, which the backward pass rebuilds in cache."""
+
+    @staticmethod
+    def forward(ctx, x, out, task, scale: float, wA, PA, QA, wB, PB, QB):
+        n = x.shape[0]
+        x3 = x.reshape(n, -1, x.shape[-1]).contiguous()
+        y, h = extension().kron_lowrank_forward(x3, out.reshape(n, -1, out.shape[-1]).contiguous(), task, scale,
+                                                wA, PA, QA, wB, PB, QB)
+        ctx.scale, ctx.x_shape = scale, x.shape
+        ctx.save_for_backward(x3, h, task, wA, PA, QA, wB, PB, QB)
+        return y.view(out.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x3, h, task, wA, PA, QA, wB, PB, QB = ctx.saved_tensors
+        g = grad_y.reshape(x3.shape[0], -1, grad_y.shape[-1]).contiguous()
+        gx, gwA, gPA, gQA, gwB, gPB, gQB = extension().kron_lowrank_backward(
+            g, x3, h, task, ctx.scale, wA, PA, QA, wB, PB, QB, ctx.needs_input_grad[0])
+        return (None if gx is None else gx.view(ctx.x_shape)), grad_y, None, None, gwA, gPA, gQA, gwB, gPB, gQB

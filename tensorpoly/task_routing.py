@@ -229,7 +229,8 @@ class FactorGroup:
         if missing:
             built = [factors.materialize() for factors in self.build(None if ids is None else ids[missing])]
             for j, i in enumerate(missing):
-                # Views keep the build's memory layout, so cached and uncached calls give equal bits.
+                # Views keep the build's memory layout, so cached calls and uncached ones that materialise
+                # the factors give equal bits (the fused update, kron_kernel.low_rank, rounds differently).
                 self.entries[keys[i]] = [(A[j], B[j]) for A, B in built]
         for k in keys:
             self.entries.move_to_end(k)

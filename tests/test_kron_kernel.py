@@ -146,9 +146,10 @@ def run_step(model, task_ids):
     ("tensorpoly2", dict(order=4, norm="row", norm_affine_trainable=True)),
     ("tensorpoly1", dict(order=4, norm_over_padding=False, norm_affine_trainable=True))])
 def test_model_with_kernel_equals_model_without(module_type, fields, monkeypatch):
-    calls = []
-    for function in (kron_kernel.KronRows, kron_kernel.PairNorm):
-        monkeypatch.setattr(function, "apply", lambda *a, apply=function.apply: calls.append(a) or apply(*a))
+    calls = {}
+    for function in (kron_kernel.KronRows, kron_kernel.PairNorm, kron_kernel.KronLowRank):
+        monkeypatch.setattr(function, "apply", lambda *a, apply=function.apply, f=function.__name__:
+                            calls.setdefault(f, []).append(a) or apply(*a))
     model = adapted(module_type, **fields).train()
     task_ids = [2, 0, 2, 3] if module_type != "tlora" else [0, 0, 0]
     with kron_kernel.fused_kernels(False):
@@ -156,6 +157,9 @@ def test_model_with_kernel_equals_model_without(module_type, fields, monkeypatch
     assert not calls
     logits_on, grads_on = run_step(model, task_ids)
     assert calls, "the factor construction did not reach the fused kernels"
+    # From order 3 on every adapted layer's update is the fused one (its factors never stored).
+    layers = sum(hasattr(m, "leaves_A") for m in model.modules())
+    assert len(calls.get("KronLowRank", [])) == (layers if model.config.order >= 3 else 0)
     torch.testing.assert_close(logits_on, logits_off, rtol=1e-12, atol=1e-12)
     assert grads_on.keys() == grads_off.keys()
     for name in grads_on:
@@ -164,11 +168,12 @@ def test_model_with_kernel_equals_model_without(module_type, fields, monkeypatch
 
 @needs_kernel
 @pytest.mark.parametrize("module_type", ["tensorpoly1", "tensorpoly2", "tlora"])
-@pytest.mark.parametrize("build", [dict(whole_factors=False), dict(recompute_factors=True)],
-                         ids=["layerwise", "recompute"])
-def test_layerwise_and_recompute_paths_with_kernel_equal_the_ops(module_type, build, monkeypatch):
-    """Each member finishing its own rows (and rebuilding them in the backward pass) runs the kernel on
-    its slice of the group's operands."""
+@pytest.mark.parametrize("build", [dict(whole_factors=False), dict(recompute_factors=True), dict()],
+                         ids=["layerwise", "recompute", "whole"])
+def test_factors_materialised_or_fused_equal_the_ops(module_type, build, monkeypatch):
+    """Without the fused update, each member finishing its own rows (and rebuilding them in the backward
+    pass) runs the construction kernel on its slice of the group's operands; with it, any build runs
+    the fused update from the same slices. Both equal the PyTorch ops."""
     calls = []
     apply = kron_kernel.KronRows.apply
     monkeypatch.setattr(kron_kernel.KronRows, "apply", lambda *a: calls.append(a) or apply(*a))
@@ -178,12 +183,20 @@ def test_layerwise_and_recompute_paths_with_kernel_equal_the_ops(module_type, bu
     task_ids = [2, 0, 2, 3] if module_type != "tlora" else [0, 0, 0]
     with kron_kernel.fused_kernels(False):
         logits_off, grads_off = run_step(model, task_ids)
-    logits_on, grads_on = run_step(model, task_ids)
-    assert calls and all(call[1].shape[0] == 1 for call in calls)  # one member per call
-    torch.testing.assert_close(logits_on, logits_off, rtol=1e-12, atol=1e-12)
-    assert grads_on.keys() == grads_off.keys()
-    for name in grads_on:
-        torch.testing.assert_close(grads_on[name], grads_off[name], rtol=1e-10, atol=1e-12, msg=name)
+    with kron_kernel.fused_kernels(True, low_rank=False):
+        logits_on, grads_on = run_step(model, task_ids)
+    if build:
+        assert calls and all(call[1].shape[0] == 1 for call in calls)  # one member per call
+    else:
+        assert calls and all(call[1].shape[0] > 1 for call in calls)  # one call per group
+    calls.clear()
+    logits_fused, grads_fused = run_step(model, task_ids)
+    assert not calls  # nothing materialised
+    for logits, grads in ((logits_on, grads_on), (logits_fused, grads_fused)):
+        torch.testing.assert_close(logits, logits_off, rtol=1e-12, atol=1e-12)
+        assert grads.keys() == grads_off.keys()
+        for name in grads:
+            torch.testing.assert_close(grads[name], grads_off[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
 def test_operands_the_kernel_does_not_take_use_pytorch_ops():

@@ -114,6 +114,9 @@ class AdapterLinear(nn.Module):
         if routing is not None and routing.groups_active(self):
             factors, inverse = routing.factors(self, x.shape[0])  # from the layer's group, or cached
             if isinstance(factors, Factors):
+                fused = factors.low_rank(x, out, inverse, self.rank)
+                if fused is not None:
+                    return fused
                 if routing.recompute_factors and torch.is_grad_enabled():
                     # Kept for the backward pass: the pieces only; the factors are rebuilt from them.
                     return TaskLowRank.apply(x, out, inverse, self.rank, factors.make, *factors.pieces)
@@ -145,6 +148,12 @@ class Factors:
 
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.make(*self.pieces)
+
+    def low_rank(self, x: torch.Tensor, out: torch.Tensor, inverse: torch.Tensor | None,
+                 rank: int) -> torch.Tensor | None:
+        """out + (1/rank) (x A_t) B_t computed without materialising the factors, where a kind of
+        Factors knows how (KronFactors); None: materialise them."""
+        return None
 
 
 def factor_pair(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

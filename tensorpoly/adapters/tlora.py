@@ -89,12 +89,16 @@ class TensorFactors(AdapterLinear):
         pass can rebuild them from the pieces instead of keeping them.
         """
         first = members[0]
-        if whole and first.order >= GROUP_PAIRS_FROM_ORDER:
-            A = group_members(*cls.group_operands(members, "A", first.in_features, weights), first.in_features, True)
-            B = group_members(*cls.group_operands(members, "B", first.out_features, weights), first.out_features, False)
-            return [Factors(factor_pair, pair) for pair in zip(A, B)]
-        A = cls.side_rows(members, "A", first.in_features, weights)
-        B = cls.side_rows(members, "B", first.out_features, weights)
+        d_in, d_out = first.in_features, first.out_features
+        if first.order >= GROUP_PAIRS_FROM_ORDER:
+            A = contiguous_operands(cls.group_operands(members, "A", d_in, weights))
+            B = contiguous_operands(cls.group_operands(members, "B", d_out, weights))
+            if whole and not kron_kernel.low_rank_usable(*(t for t in A + B if t is not None)):
+                return [Factors(factor_pair, pair) for pair in zip(group_members(*A, d_in, True),
+                                                                   group_members(*B, d_out, False))]
+            return KronFactors.of_group(A, B, d_in, d_out)
+        A = cls.own_side_rows(members, "A", d_in, weights)
+        B = cls.own_side_rows(members, "B", d_out, weights)
         return [Factors(both_sides(make_A, len(pieces_A), make_B), (*pieces_A, *pieces_B))
                 for (make_A, pieces_A), (make_B, pieces_B) in zip(A, B)]
 
@@ -106,25 +110,52 @@ class TensorFactors(AdapterLinear):
         raise NotImplementedError
 
     @classmethod
-    def side_rows(cls, members, side: str, d: int, weights) -> list[tuple]:
-        """Per member (make, pieces): make(*pieces) -> its rows [U, r, d] of one factor side. Every
-        tensor that make uses and that needs a gradient is a piece or a parameter of the member.
-        From GROUP_PAIRS_FROM_ORDER on the pieces are the member's operands of the last product (its
-        slices of group_operands), below it what own_side_rows gives."""
-        if members[0].order < GROUP_PAIRS_FROM_ORDER:
-            return cls.own_side_rows(members, side, d, weights)
-        w, P, Q = cls.group_operands(members, side, d, weights)
-        P, Q = P.unbind(0), Q.unbind(0)
-        if w is None:
-            return [(lambda P, Q: member_rows(None, P, Q, d), (P[g], Q[g])) for g in range(len(members))]
-        w = w.unbind(0)
-        return [(lambda w, P, Q: member_rows(w, P, Q, d), (w[g], P[g], Q[g])) for g in range(len(members))]
+    def own_side_rows(cls, members, side: str, d: int, weights) -> list[tuple]:
+        """Per member (make, pieces): make(*pieces) -> its rows [U, r, d] of one factor side, below
+        GROUP_PAIRS_FROM_ORDER, where a leaf pair is a whole row: each member builds its rows from its own
+        leaves (and routing weights). Every tensor that make uses and that needs a gradient is a piece or
+        a parameter of the member."""
+        raise NotImplementedError
+
+
+def contiguous_operands(operands: tuple) -> tuple:
+    """The group's (w, P, Q), each made contiguous once, so that every member's slice is."""
+    return tuple(None if t is None else t.contiguous() for t in operands)
+
+
+class KronFactors(Factors):
+    """A member's factors as the operands of both sides' last Kronecker product, (w, P, Q) per side
+    (w None: plain; see group_operands for the shapes, without the group axis). Where the fused
+    kernel runs, the layer's update is computed from them directly and the factors are never
+    stored (kron_kernel.low_rank); elsewhere they are materialised (member_rows)."""
+
+    __slots__ = ("operands", "dims", "_mixed")
+
+    def __init__(self, A: tuple, B: tuple, d_in: int, d_out: int):
+        self.operands, self.dims = (A, B), (d_in, d_out)
+        mixed = A[0] is not None
+        # Factors' pieces: the tensors only (TaskLowRank rebuilds the factors from them).
+        super().__init__(self._make, tuple(t for t in A + B if t is not None))
+        self._mixed = mixed
+
+    def _make(self, *pieces):
+        n = len(pieces) // 2
+        unpack = (lambda p: tuple(p)) if self._mixed else (lambda p: (None, *p))
+        A = member_rows(*unpack(pieces[:n]), self.dims[0])
+        return A.transpose(-1, -2), member_rows(*unpack(pieces[n:]), self.dims[1])
+
+    def low_rank(self, x, out, inverse, rank):
+        if not kron_kernel.low_rank_usable(x, out, *self.pieces):
+            return None
+        return kron_kernel.low_rank(x, out, inverse, rank, *self.operands)
 
     @classmethod
-    def own_side_rows(cls, members, side: str, d: int, weights) -> list[tuple]:
-        """side_rows below GROUP_PAIRS_FROM_ORDER, where a leaf pair is a whole row: each member builds
-        its rows from its own leaves (and routing weights)."""
-        raise NotImplementedError
+    def of_group(cls, A: tuple, B: tuple, d_in: int, d_out: int) -> list["KronFactors"]:
+        """Per member, its KronFactors from the group's operands of both sides ([G, ...] each)."""
+        def split(ops):
+            parts = [None if t is None else t.unbind(0) for t in ops]
+            return [tuple(None if p is None else p[g] for p in parts) for g in range(len(parts[1]))]
+        return [cls(a, b, d_in, d_out) for a, b in zip(split(A), split(B))]
 
 
 def group_members(w, P, Q, d: int, transpose: bool) -> tuple:

@@ -15,6 +15,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "kron_lowrank.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -583,4 +585,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("plain_kron_backward", &plain_kron_backward, "(grad P, grad Q) from G members' gradient rows");
   m.def("pair_norm_forward", &pair_norm_forward, "(LN(a (x) b) with affine, mean, rstd)");
   m.def("pair_norm_backward", &pair_norm_backward, "(grad a, grad b, grad W, grad beta)");
+  m.def("kron_lowrank_forward", &kron_lowrank_forward, "(out + (x A_u) B_u, scale x A_u), factors never stored");
+  m.def("kron_lowrank_backward", &kron_lowrank_backward, "(grad x, grads of both sides' operands)");
 }
