@@ -197,42 +197,49 @@ class PairNorm(torch.autograd.Function):
         return ga, gb, gW if affine_grad else None, gbeta if affine_grad else None, None, None, None
 
 
-def low_rank(x: torch.Tensor, out: torch.Tensor, inverse: torch.Tensor | None, rank: int,
-             operands_A: tuple, operands_B: tuple) -> torch.Tensor:
-    """out + (1/rank) (x A_t) B_t with every factor row a Kronecker product of its operands (w, P, Q)
-    (w None: plain; see KronRows), computed by the fused kernel without the factors ever being stored.
-    Row b of x uses task inverse[b] (None: task b, or the only task)."""
-    w, P, _ = operands_A
-    U, n = (w if w is not None else P).shape[0], x.shape[0]
+SIDE_FIELDS = ("c", "P", "Q", "W", "beta", "m", "sigma")
+
+
+def low_rank(x: torch.Tensor, out: torch.Tensor, inverse: torch.Tensor | None, rank: int, mixed: bool,
+             side_A: tuple, side_B: tuple) -> torch.Tensor:
+    """out + (1/rank) (x A_t) B_t computed by the fused kernel without the factors ever being stored.
+    Each side is (c, P, Q, W, beta, m, sigma), None where absent (csrc/kron_lowrank.cpp): a rank row is
+    W (sum_s c[t, s] P[s] ⊗ Q[s] - m[t]) + sigma[t] beta, cut to d; mixed False: P, Q are per task and
+    c (optional) [U, 1(, R)]. Row b of x uses task inverse[b] (None: task b, or the only task)."""
+    U = side_A[0].shape[0] if mixed else side_A[1].shape[0]
+    n = x.shape[0]
     if inverse is not None:
         task = inverse
     elif U == 1:
         task = torch.zeros(n, dtype=torch.long)
     else:
         task = torch.arange(n)
-    return KronLowRank.apply(x, out, task, 1.0 / rank, *operands_A, *operands_B)
+    return KronLowRank.apply(x, out, task, 1.0 / rank, mixed, *side_A, *side_B)
 
 
 class KronLowRank(torch.autograd.Function):
-    """apply(x [n, ..., d_in], out [n, ..., d_out], task [n], scale, wA, PA, QA, wB, PB, QB) -> out +
-    scale (x A_u) B_u (csrc/kron_lowrank.cpp). Keeps for the backward pass x, the rank-sized
-    intermediate and the operands: never the factors, which the backward pass rebuilds in cache."""
+    """apply(x [n, ..., d_in], out [n, ..., d_out], task [n], scale, mixed, *side_A, *side_B) -> out +
+    scale (x A_u) B_u, each side the 7 entries of low_rank. Keeps for the backward pass x, the
+    rank-sized intermediate and the sides' small tensors: never the factors, which the backward pass
+    rebuilds in cache."""
 
     @staticmethod
-    def forward(ctx, x, out, task, scale: float, wA, PA, QA, wB, PB, QB):
+    def forward(ctx, x, out, task, scale: float, mixed: bool, *sides):
         n = x.shape[0]
         x3 = x.reshape(n, -1, x.shape[-1]).contiguous()
+        side_A, side_B = list(sides[:7]), list(sides[7:])
         y, h = extension().kron_lowrank_forward(x3, out.reshape(n, -1, out.shape[-1]).contiguous(), task, scale,
-                                                wA, PA, QA, wB, PB, QB)
-        ctx.scale, ctx.x_shape = scale, x.shape
-        ctx.save_for_backward(x3, h, task, wA, PA, QA, wB, PB, QB)
+                                                mixed, side_A, side_B)
+        ctx.scale, ctx.mixed, ctx.x_shape = scale, mixed, x.shape
+        ctx.save_for_backward(x3, h, task, *sides)
         return y.view(out.shape)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        x3, h, task, wA, PA, QA, wB, PB, QB = ctx.saved_tensors
+        x3, h, task, *sides = ctx.saved_tensors
         g = grad_y.reshape(x3.shape[0], -1, grad_y.shape[-1]).contiguous()
-        gx, gwA, gPA, gQA, gwB, gPB, gQB = extension().kron_lowrank_backward(
-            g, x3, h, task, ctx.scale, wA, PA, QA, wB, PB, QB, ctx.needs_input_grad[0])
-        return (None if gx is None else gx.view(ctx.x_shape)), grad_y, None, None, gwA, gPA, gQA, gwB, gPB, gQB
+        gx, *grads = extension().kron_lowrank_backward(g, x3, h, task, ctx.scale, ctx.mixed, sides[:7], sides[7:],
+                                                       ctx.needs_input_grad[0])
+        grads = [gr if need else None for gr, need in zip(grads, ctx.needs_input_grad[5:])]
+        return (None if gx is None else gx.view(ctx.x_shape)), grad_y, None, None, None, *grads

@@ -47,14 +47,14 @@ def run(model, task_ids):
     return out.logits.detach(), grads
 
 
-def assert_grads_equal(fast, literal):
+def assert_grads_equal(fast, literal, tol=1e-10):
     assert fast.keys() == literal.keys()
     for name, want in literal.items():
         got = fast[name]
         assert got is not None and want is not None, name
         scale = want.abs().max().item()
         assert scale > 0, name
-        assert (got - want).abs().max().item() <= 1e-10 * max(scale, 1.0), name
+        assert (got - want).abs().max().item() <= tol * max(scale, 1.0), name
 
 
 # How a group builds its members' factors: all of them at once (the default), small pieces that each
@@ -67,6 +67,11 @@ BUILDS = {"whole": dict(), "layerwise": dict(whole_factors=False), "recompute": 
 # with a trainable affine: 1.7e-10 between the kernel and the ops), so each side uses the same one
 # here; tests/test_kron_kernel.py compares the kernel with the ops.
 KERNELS = ["ops"] + (["fused"] if kron_kernel.extension() is not None else [])
+# With the kernels, the fast path's order-2 pairs are never built: their LayerNorm's statistics come
+# from the leaves' (adapters/tlora.py folded_pair_norm), another correct LayerNorm than the literal
+# side's (both within 6e-16 of extended precision on their own). In this ill-conditioned case they
+# differ by up to 1.4e-10 of the largest gradient.
+TOLERANCE = {("tensorpoly2", "fused", 2): 3e-10}
 
 
 @pytest.mark.parametrize("kernels", KERNELS)
@@ -82,7 +87,7 @@ def test_fast_path_equals_literal_per_example(module_type, fields, layout, build
         fast_logits, fast_grads = run(model, TASK_IDS[layout])
         literal_logits, literal_grads = run(literal, TASK_IDS[layout])
     torch.testing.assert_close(fast_logits, literal_logits, rtol=0, atol=1e-10)
-    assert_grads_equal(fast_grads, literal_grads)
+    assert_grads_equal(fast_grads, literal_grads, TOLERANCE.get((module_type, kernels, fields["order"]), 1e-10))
     # Every adapted layer went through its group, none through the per-layer path.
     assert all(adapter._group is not None for _, adapter in model.adapters())
 

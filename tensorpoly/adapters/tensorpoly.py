@@ -16,6 +16,7 @@ from .tlora import TensorFactors
 class TensorPolyILinear(TensorFactors):
     routed = True
     expert_axes = 1
+    mixes_experts = True
 
     def factors(self, weights):
         w = weights[:, 0].to(self.leaves_A.dtype)  # [U, S]
@@ -39,6 +40,11 @@ class TensorPolyILinear(TensorFactors):
 
         return [(lambda w, leaves, norms=getattr(m, f"norms_{side}"): make_own(w, leaves, norms),
                  (w[g], getattr(m, f"leaves_{side}"))) for g, m in enumerate(members)]
+
+    @classmethod
+    def leaf_pair(cls, members, side, weights):
+        leaves, _ = cls.stacked(members, side, lead=1)  # [G, 2, S, r, l]
+        return leaves[:, 0], leaves[:, 1], weights[:, :, 0].to(leaves.dtype)  # the experts', w [G, U, S]
 
 
 class TensorPolyIILinear(TensorFactors):
@@ -74,3 +80,8 @@ class TensorPolyIILinear(TensorFactors):
         mixed, norms = cls.mixed_leaves(members, side, weights)
         return [(lambda x, norms=getattr(m, f"norms_{side}"): build_rows(x, d, norms), (x,))
                 for m, x in zip(members, mixed.unbind(0))]
+
+    @classmethod
+    def leaf_pair(cls, members, side, weights):
+        mixed, _ = cls.mixed_leaves(members, side, weights)  # [G, U, 2, r, l]
+        return mixed[:, :, 0], mixed[:, :, 1], None  # each task's own pair

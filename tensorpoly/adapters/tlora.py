@@ -12,8 +12,8 @@ from torch import nn
 
 from ..config import AdapterConfig
 from .. import kron_kernel
-from ..tensor_product import (StackedNorms, build_rows, kron_chain, last_product, leaf_length, make_pair_norms,
-                              mix_kron_chain, norm_signature, row_factors)
+from ..tensor_product import (StackedNorms, build_rows, kron_chain, kron_rows, last_product, leaf_length,
+                              make_pair_norms, mix_kron_chain, norm_signature, row_factors)
 from .base import AdapterLinear, Factors, factor_pair, paper_uniform_
 
 
@@ -21,6 +21,7 @@ class TensorFactors(AdapterLinear):
     """Leaves [N, *experts, r, l] for A (l = leaf(d_in)) and B (l = leaf(d_out)), plus pair norms."""
 
     expert_axes = 0
+    mixes_experts = False  # whether a task's rows mix the experts' rows (TensorPoly-I)
     paper_init = "uniform"  # the paper code: uniform for TensorPoly-I, xavier for TensorPoly-II
 
     def __init__(self, base_layer: nn.Linear, config: AdapterConfig):
@@ -96,7 +97,12 @@ class TensorFactors(AdapterLinear):
             if whole and not kron_kernel.low_rank_usable(*(t for t in A + B if t is not None)):
                 return [Factors(factor_pair, pair) for pair in zip(group_members(*A, d_in, True),
                                                                    group_members(*B, d_out, False))]
-            return KronFactors.of_group(A, B, d_in, d_out)
+            return KronFactors.of_group(A[0] is not None, bare_side(*A), bare_side(*B), d_in, d_out)
+        if first.order == 2 and kron_kernel.low_rank_usable(first.leaves_A) and folds_norm(first):
+            # A leaf pair is the whole row: with the fused update, its norm folds into the coefficients.
+            A, B = (folded_pair_norm(*cls.leaf_pair(members, side, weights), stacked_norm(members, side))
+                    for side in ("A", "B"))
+            return KronFactors.of_group(cls.mixes_experts, A, B, d_in, d_out)
         A = cls.own_side_rows(members, "A", d_in, weights)
         B = cls.own_side_rows(members, "B", d_out, weights)
         return [Factors(both_sides(make_A, len(pieces_A), make_B), (*pieces_A, *pieces_B))
@@ -110,6 +116,12 @@ class TensorFactors(AdapterLinear):
         raise NotImplementedError
 
     @classmethod
+    def leaf_pair(cls, members, side: str, weights) -> tuple:
+        """Order 2: (a, b, w) of one side of every member, the row of task u being sum_s w[g, u, s]
+        LN(a[g, s] ⊗ b[g, s]) (mixes_experts) or LN(a[g, u] ⊗ b[g, u]) (w None); a, b [G, E, r, l]."""
+        raise NotImplementedError
+
+    @classmethod
     def own_side_rows(cls, members, side: str, d: int, weights) -> list[tuple]:
         """Per member (make, pieces): make(*pieces) -> its rows [U, r, d] of one factor side, below
         GROUP_PAIRS_FROM_ORDER, where a leaf pair is a whole row: each member builds its rows from its own
@@ -118,44 +130,115 @@ class TensorFactors(AdapterLinear):
         raise NotImplementedError
 
 
+def folds_norm(member) -> bool:
+    """Whether an order-2 member's pair norm can be folded (folded_pair_norm): statistics over all of
+    the pair's entries, which is what sums of the leaves give."""
+    norms = [n for side in ("A", "B") for n in getattr(member, f"norms_{side}")]
+    return all(n.over_padding for n in norms)
+
+
+def stacked_norm(members, side: str):
+    """(scope, eps, W [G, r or 1, l^2], beta) of every member's (only) pair norm of one side, or None."""
+    norms = [getattr(m, f"norms_{side}") for m in members]
+    if not len(norms[0]):
+        return None
+    first = norms[0][0]
+    W = torch.stack([n[0].weight for n in norms])
+    beta = torch.stack([n[0].bias for n in norms])
+    L = W.shape[-1]
+    return first.scope, first.eps, W.reshape(len(members), -1, L), beta.reshape(len(members), -1, L)
+
+
 def contiguous_operands(operands: tuple) -> tuple:
     """The group's (w, P, Q), each made contiguous once, so that every member's slice is."""
     return tuple(None if t is None else t.contiguous() for t in operands)
 
 
 class KronFactors(Factors):
-    """A member's factors as the operands of both sides' last Kronecker product, (w, P, Q) per side
-    (w None: plain; see group_operands for the shapes, without the group axis). Where the fused
-    kernel runs, the layer's update is computed from them directly and the factors are never
-    stored (kron_kernel.low_rank); elsewhere they are materialised (member_rows)."""
+    """A member's factors as the inputs of both sides' rows, (c, P, Q, W, beta, m, sigma) per side
+    (kron_kernel.low_rank; None where absent): from order 3 on the operands of the last Kronecker
+    product (c: TensorPoly-I's routing weights), at order 2 the leaf pairs with their LayerNorm
+    folded in (folded_pair_norm). Where the fused kernel runs, the layer's update is computed from
+    them and the factors are never stored; elsewhere they are materialised (side_rows)."""
 
-    __slots__ = ("operands", "dims", "_mixed")
+    __slots__ = ("mixed", "dims", "_layout")
 
-    def __init__(self, A: tuple, B: tuple, d_in: int, d_out: int):
-        self.operands, self.dims = (A, B), (d_in, d_out)
-        mixed = A[0] is not None
+    def __init__(self, mixed: bool, A: tuple, B: tuple, d_in: int, d_out: int):
+        self.mixed, self.dims = mixed, (d_in, d_out)
+        self._layout = tuple(t is not None for t in A + B)
         # Factors' pieces: the tensors only (TaskLowRank rebuilds the factors from them).
         super().__init__(self._make, tuple(t for t in A + B if t is not None))
-        self._mixed = mixed
+
+    def sides(self, pieces: tuple | None = None) -> tuple[tuple, tuple]:
+        present = iter(self.pieces if pieces is None else pieces)
+        entries = [next(present) if there else None for there in self._layout]
+        return tuple(entries[:7]), tuple(entries[7:])
 
     def _make(self, *pieces):
-        n = len(pieces) // 2
-        unpack = (lambda p: tuple(p)) if self._mixed else (lambda p: (None, *p))
-        A = member_rows(*unpack(pieces[:n]), self.dims[0])
-        return A.transpose(-1, -2), member_rows(*unpack(pieces[n:]), self.dims[1])
+        A, B = self.sides(pieces)
+        return side_rows(A, self.dims[0], self.mixed).transpose(-1, -2), side_rows(B, self.dims[1], self.mixed)
 
     def low_rank(self, x, out, inverse, rank):
         if not kron_kernel.low_rank_usable(x, out, *self.pieces):
             return None
-        return kron_kernel.low_rank(x, out, inverse, rank, *self.operands)
+        return kron_kernel.low_rank(x, out, inverse, rank, self.mixed, *self.sides())
 
     @classmethod
-    def of_group(cls, A: tuple, B: tuple, d_in: int, d_out: int) -> list["KronFactors"]:
-        """Per member, its KronFactors from the group's operands of both sides ([G, ...] each)."""
-        def split(ops):
-            parts = [None if t is None else t.unbind(0) for t in ops]
+    def of_group(cls, mixed: bool, A: tuple, B: tuple, d_in: int, d_out: int) -> list["KronFactors"]:
+        """Per member, its KronFactors from the group's sides (every entry with a leading group axis)."""
+        def split(side):
+            parts = [None if t is None else t.contiguous().unbind(0) for t in side]
             return [tuple(None if p is None else p[g] for p in parts) for g in range(len(parts[1]))]
-        return [cls(a, b, d_in, d_out) for a, b in zip(split(A), split(B))]
+        return [cls(mixed, a, b, d_in, d_out) for a, b in zip(split(A), split(B))]
+
+
+def bare_side(w, P, Q) -> tuple:
+    """The 7 entries of a side that is only a last Kronecker product (order 3 and up)."""
+    return (w, P, Q, None, None, None, None)
+
+
+def side_rows(side: tuple, d: int, mixed: bool) -> torch.Tensor:
+    """A side's rows [U, r, d] with PyTorch ops (and the construction kernel where it runs): what the
+    fused update computes without storing them."""
+    c, P, Q, W, beta, m, sigma = side
+    if W is None and (c is None or (mixed and c.dim() == 2)):
+        return member_rows(c, P, Q, d)
+    products = kron_rows(P, Q, d)  # [S or U, r, d]
+    if mixed:
+        c = c if c.dim() == 3 else c.unsqueeze(-1)
+        rows = (c.unsqueeze(-1) * products).sum(1)  # [U, S, r, d] summed over the experts
+    else:
+        rows = products if c is None else products * (c[:, 0] if c.dim() == 3 else c).unsqueeze(-1)
+    if W is not None:
+        rows = torch.addcmul(sigma[:, None, None] * beta[:, :d], W[:, :d], rows - m.unsqueeze(-1))
+    return rows
+
+
+def folded_pair_norm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None, norm) -> tuple:
+    """The side whose rows are sum_s c_s LN(a_s ⊗ b_s) W + beta (mixed: c [G, U, S]) or LN(a_u ⊗ b_u)
+    W + beta (c None): the LayerNorm's statistics folded into the coefficients, as LN(z) W + beta =
+    W (rstd z - rstd mean) + beta, so that no pair product is ever built. a, b [G, E, r, l] (E: the
+    experts or the tasks). norm: (scope, eps, W [G, r or 1, l^2], beta), or None for no norm. The
+    statistics run over all l^2 entries (norm_over_padding), from the leaves' own: over the entries
+    a_i b_j of a row, the mean is mean(a) mean(b) and the variance mean(a)^2 var(b) + mean(b)^2 var(a)
+    + var(a) var(b) (a sum of non-negative terms: no cancellation); joint, the mean of the rows' variances
+    plus the variance of their means."""
+    if norm is None:
+        return (c, a, b, None, None, None, None)
+    scope, eps, W, beta = norm
+    mean_a, mean_b = a.mean(-1), b.mean(-1)  # [G, E, r]
+    var_a, var_b = (a - mean_a.unsqueeze(-1)).square().mean(-1), (b - mean_b.unsqueeze(-1)).square().mean(-1)
+    mean = mean_a * mean_b
+    var = mean_a.square() * var_b + mean_b.square() * var_a + var_a * var_b
+    if scope == "joint":
+        row_means, mean = mean, mean.mean(-1, keepdim=True)
+        var = var.mean(-1, keepdim=True) + (row_means - mean).square().mean(-1, keepdim=True)
+    rstd = torch.rsqrt(var + eps).expand(mean_a.shape)
+    shift = mean * rstd
+    if c is None:
+        return (rstd.unsqueeze(2), a, b, W, beta, shift.expand(rstd.shape), torch.ones(rstd.shape[:2], dtype=a.dtype))
+    coef = c.unsqueeze(-1) * rstd.unsqueeze(1)  # [G, U, S, r]
+    return (coef, a, b, W, beta, torch.einsum("gus,gsr->gur", c, shift.expand(rstd.shape)), c.sum(-1))
 
 
 def group_members(w, P, Q, d: int, transpose: bool) -> tuple:
@@ -244,3 +327,8 @@ class TLoRALinear(TensorFactors):
     @classmethod
     def own_side_rows(cls, members, side, d, weights):
         return [(own_rows(m, side, d), (getattr(m, f"leaves_{side}"),)) for m in members]
+
+    @classmethod
+    def leaf_pair(cls, members, side, weights):
+        leaves, _ = cls.stacked(members, side, lead=0)  # [G, 2, r, l]
+        return leaves[:, 0].unsqueeze(1), leaves[:, 1].unsqueeze(1), None

@@ -1,18 +1,26 @@
 // The low-rank update of a tensor adapter with its factors never written to memory:
 //
-//     y[e] = out[e] + (1/rank) (x[e] A_u) B_u,    u = task[e]
+//     y[e] = out[e] + scale (x[e] A_u) B_u,    u = task[e]
 //
-// where every rank row of A_u^T and of B_u is the last Kronecker product of the factor construction
-// (see kron_rows.cpp): sum_s w[u, s] P[s, r] ⊗ Q[s, r] (TensorPoly-I) or P[u, r] ⊗ Q[u, r] (TLoRA,
-// TensorPoly-II), cut to d. Materialising the factors per task costs, in a training step on a CPU,
-// tens of MB written, read back by the matrix products, kept for the backward pass, and as many
-// gradient bytes again. Here a task's factors are built in L1/L2 right before the products that use
-// them, and in the backward pass rebuilt, and their gradients reduced into the operands' at once.
+// where every rank row r of A_u^T and of B_u is an affine function of a mixture of Kronecker products,
+//
+//     row[r] = W[r] * (sum_s c[u, s, r] P[s, r] ⊗ Q[s, r] - m[u, r]) + sigma[u] beta[r],   cut to d,
+//
+// the experts' operands P, Q (mixed: TensorPoly-I) or the task's own (plain, one term: TLoRA,
+// TensorPoly-II); c is per task and expert, optionally per rank row (an absent c is 1). Without the
+// affine part (W absent) a row is the bare mixture: the last Kronecker product of a factor built from
+// order 3 on. With it, a row is a mixture of LayerNorm'd leaf pairs, the whole factor at order 2:
+// LN(z) W + beta = W (rstd z - rstd mean) + beta, the statistics folded into c and m by the caller.
+//
+// Why: materialising the factors per task costs, in a training step on a CPU, tens of MB written, read
+// back by the matrix products, kept for the backward pass, and as many gradient bytes again. Here a
+// task's factors are built in L1/L2 right before the products that use them; in the backward pass they
+// are rebuilt, and their gradients reduced into the operands' at once.
 //
 // Layout: a factor is built as K[k][r] (rank along the vector lanes, padded to whole vectors), which
 // makes the Kronecker build and its gradient's reduction full-width vector work for any d, and the
-// product x A a broadcast-FMA kernel. The two products that need rows [r][k] get a transposed copy.
-// Examples are processed in task order, so each task's factors are built once per thread.
+// product x A a broadcast-FMA kernel. The two products that need rows [r][k] build those directly.
+// Examples are processed in task order, so each thread builds a task's factors once.
 #include "kron_lowrank.h"
 
 #include <ATen/Parallel.h>
@@ -31,14 +39,23 @@ template <> struct Wide<double> { typedef double V __attribute__((vector_size(64
 template <typename V> inline V ldv(const void* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
 template <typename V> inline void stv(void* p, const V& v) { std::memcpy(p, &v, sizeof(V)); }
 
-// One factor side: the operands of its last product. Mixed: w [U, S], P [S, R, p], Q [S, R, q].
-// Plain: w null, P [U, R, p], Q [U, R, q] (S = 1 here: the task picks the operand).
+// One factor side, as in the header comment. c: null, [U, S] (c_per_row false) or [U, S, R]. P, Q:
+// [S, R, p], [S, R, q] (mixed) or [U, R, p], [U, R, q] (plain, S = 1). W, beta: null or [Rw, ldw] with
+// Rw 1 (one row for all) or R, ldw >= d; m [U, R]; sigma [U].
 template <typename T>
 struct Side {
-  const T* w;
+  const T* c;
+  bool c_per_row, mixed;
   const T* P;
   const T* Q;
-  int64_t S, R, p, q, d;
+  const T* W;
+  const T* beta;
+  const T* m;
+  const T* sigma;
+  int64_t Rw, ldw, S, R, p, q, d;
+  bool affine() const { return W != nullptr; }
+  const T* W_row(int64_t r) const { return W + (Rw == 1 ? 0 : r) * ldw; }
+  const T* beta_row(int64_t r) const { return beta + (Rw == 1 ? 0 : r) * ldw; }
 };
 
 // A side's operands for one task, transposed so the rank runs along the lanes, and its factor K[d][RV].
@@ -47,23 +64,33 @@ struct Built {
   using V = typename Wide<T>::V;
   static constexpr int64_t W = Wide<T>::W;
   int64_t RV = 0, ready = -1;  // ready: the operand block transposed into Pt, Qt (mixed: all experts, once)
-  std::vector<V> Pt, Pw, Qt, K;  // Pt, Pw [S][p][RV] (Pw = w_s P_s), Qt [S][q][RV], K [d][RV]
-  std::vector<T> ws;             // the task's mixing weights (1 for plain)
+  bool affine_ready = false;
+  std::vector<V> Pt, Pw, Qt, cv;  // Pt, Pw [S][p][RV] (Pw = c_s P_s), Qt [S][q][RV], cv [S][RV]
+  std::vector<V> K, Kp, Wt, Bt;   // K [d][RV]; affine: Kp the mixture before it, Wt and Bt W and beta as K
+  std::vector<V> mv;              // m[u] along the lanes [RV] (affine)
+  T sg = 0;                       // sigma[u] (affine)
+
+  static void transpose_into(std::vector<V>& out, const T* src, int64_t rows, int64_t len, int64_t ld_src,
+                             int64_t RV, bool one_row) {
+    out.assign(len * RV, V{});
+    T* o = reinterpret_cast<T*>(out.data());
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* row = src + (one_row ? 0 : r) * ld_src;
+      for (int64_t i = 0; i < len; ++i) o[i * RV * W + r] = row[i];
+    }
+  }
 
   void transpose_operands(const Side<T>& sd, int64_t block) {
     const int64_t S = sd.S, p = sd.p, q = sd.q;
-    Pt.assign(S * p * RV, V{});
-    Qt.assign(S * q * RV, V{});
+    Pt.resize(S * p * RV);
+    Qt.resize(S * q * RV);
     for (int64_t s = 0; s < S; ++s) {
-      const int64_t o = sd.w ? s : block;
-      T* pt = reinterpret_cast<T*>(Pt.data() + s * p * RV);
-      T* qt = reinterpret_cast<T*>(Qt.data() + s * q * RV);
-      for (int64_t r = 0; r < sd.R; ++r) {
-        const T* Pr = sd.P + (o * sd.R + r) * p;
-        const T* Qr = sd.Q + (o * sd.R + r) * q;
-        for (int64_t i = 0; i < p; ++i) pt[i * RV * W + r] = Pr[i];
-        for (int64_t j = 0; j < q; ++j) qt[j * RV * W + r] = Qr[j];
-      }
+      const int64_t o = sd.mixed ? s : block;
+      std::vector<V> one;
+      transpose_into(one, sd.P + o * sd.R * p, sd.R, p, p, RV, false);
+      std::copy(one.begin(), one.end(), Pt.begin() + s * p * RV);
+      transpose_into(one, sd.Q + o * sd.R * q, sd.R, q, q, RV, false);
+      std::copy(one.begin(), one.end(), Qt.begin() + s * q * RV);
     }
     ready = block;
   }
@@ -71,14 +98,20 @@ struct Built {
   void build(const Side<T>& sd, int64_t u) {
     RV = (sd.R + W - 1) / W;
     const int64_t S = sd.S, p = sd.p, q = sd.q;
-    const int64_t block = sd.w ? 0 : u;
+    const int64_t block = sd.mixed ? 0 : u;
     if (ready != block) transpose_operands(sd, block);
-    ws.assign(S, T(1));
-    if (sd.w) std::copy(sd.w + u * S, sd.w + (u + 1) * S, ws.begin());
+    cv.assign(S * RV, V{});
+    for (int64_t s = 0; s < S; ++s) {
+      T* cs = reinterpret_cast<T*>(cv.data() + s * RV);
+      for (int64_t r = 0; r < sd.R; ++r)
+        cs[r] = !sd.c ? T(1) : sd.c_per_row ? sd.c[(u * S + s) * sd.R + r] : sd.c[u * S + s];
+    }
     Pw.resize(S * p * RV);
     for (int64_t s = 0; s < S; ++s)
-      for (int64_t n = 0; n < p * RV; ++n) Pw[s * p * RV + n] = ws[s] * Pt[s * p * RV + n];
-    K.assign(sd.d * RV, V{});
+      for (int64_t i = 0; i < p; ++i)
+        for (int64_t k = 0; k < RV; ++k) Pw[(s * p + i) * RV + k] = cv[s * RV + k] * Pt[(s * p + i) * RV + k];
+    std::vector<V>& mix = sd.affine() ? Kp : K;
+    mix.assign(sd.d * RV, V{});
     // Experts four at a time, their coefficients held in registers across the q entries of a chunk.
     for (int64_t i = 0; i < p; ++i) {
       const int64_t j_end = std::min(q, sd.d - i * q);
@@ -89,7 +122,7 @@ struct Built {
           V pw[4] = {};
           for (int64_t s = 0; s < ns; ++s) pw[s] = Pw[((s0 + s) * p + i) * RV + c];
           const V* q0 = Qt.data() + (s0 * q) * RV + c;
-          V* k = K.data() + (i * q) * RV + c;
+          V* k = mix.data() + (i * q) * RV + c;
           if (ns == 4) {
             for (int64_t j = 0; j < j_end; ++j)
               k[j * RV] += pw[0] * q0[j * RV] + pw[1] * q0[(q + j) * RV] + pw[2] * q0[(2 * q + j) * RV] +
@@ -101,6 +134,18 @@ struct Built {
         }
       }
     }
+    if (!sd.affine()) return;
+    if (!affine_ready) {
+      transpose_into(Wt, sd.W, sd.R, sd.d, sd.ldw, RV, sd.Rw == 1);
+      transpose_into(Bt, sd.beta, sd.R, sd.d, sd.ldw, RV, sd.Rw == 1);
+      affine_ready = true;
+    }
+    mv.assign(RV, V{});
+    std::copy(sd.m + u * sd.R, sd.m + (u + 1) * sd.R, reinterpret_cast<T*>(mv.data()));
+    sg = sd.sigma[u];
+    K.resize(sd.d * RV);
+    for (int64_t k = 0; k < sd.d; ++k)
+      for (int64_t c = 0; c < RV; ++c) K[k * RV + c] = Wt[k * RV + c] * (Kp[k * RV + c] - mv[c]) + sg * Bt[k * RV + c];
   }
 
   // rows[r][k] = K[k][r] for k < d, row stride ld >= rows_stride(sd): built straight from the operands
@@ -115,7 +160,7 @@ struct Built {
     const T* pw = reinterpret_cast<const T*>(Pw.data());
     for (int64_t r = 0; r < sd.R; ++r) {
       for (int64_t s = 0; s < S; ++s) {
-        const int64_t o = sd.w ? s : u;
+        const int64_t o = sd.mixed ? s : u;
         T* dst = reinterpret_cast<T*>(Qv.data() + s * nv);
         std::memset(dst, 0, nv * W * sizeof(T));
         std::memcpy(dst, sd.Q + (o * sd.R + r) * q, q * sizeof(T));
@@ -129,6 +174,13 @@ struct Built {
         }
         // A chunk's padding lanes spill into the next chunk, written after it; the stride leaves room.
         for (int64_t k = 0; k < nv; ++k) stv(row + i * q + k * W, acc[k]);
+      }
+      if (sd.affine()) {
+        const T* Wr = sd.W_row(r);
+        const T* br = sd.beta_row(r);
+        const T mr = sd.m[u * sd.R + r], sgr = sd.sigma[u];
+#pragma omp simd
+        for (int64_t k = 0; k < sd.d; ++k) row[k] = Wr[k] * (row[k] - mr) + sgr * br[k];
       }
     }
   }
@@ -246,17 +298,46 @@ void outer(const T* X, int64_t n_tok, int64_t d, const typename Wide<T>::V* H, i
   }
 }
 
-// The gradient of one task's factor, G [d][RV], reduced into its operands' gradients (accumulated):
-// gw [S] (mixed), gP and gQ laid out as the operands of one task (plain) or of all experts (mixed).
+// Per thread, the gradients of a side's inputs, accumulated over the tasks it processed: gc like c,
+// gP and gQ like P and Q; affine: gW and gbeta in the K layout [d][RV], gm [U, R], gsigma [U].
 template <typename T>
-void reduce(const Side<T>& sd, const Built<T>& b, const typename Wide<T>::V* G, T* gw, T* gP, T* gQ) {
+struct SideGrads {
+  T *gc, *gP, *gQ, *gW, *gbeta, *gm, *gsigma;
+};
+
+// The gradient of one task's factor, G [d][RV] (consumed), reduced into its inputs' gradients.
+template <typename T>
+void reduce(const Side<T>& sd, const Built<T>& b, int64_t u, typename Wide<T>::V* G, const SideGrads<T>& out) {
   using V = typename Wide<T>::V;
   constexpr int64_t W = Wide<T>::W;
   const int64_t S = sd.S, p = sd.p, q = sd.q, RV = b.RV;
+  if (sd.affine()) {
+    // row = W * (mix - m) + sigma beta: W's, beta's, m's and sigma's gradients, then mix's, W * G.
+    V* gW = reinterpret_cast<V*>(out.gW);
+    V* gB = reinterpret_cast<V*>(out.gbeta);
+    std::vector<V> gm(RV, V{});
+    V gs{};
+    for (int64_t k = 0; k < sd.d; ++k) {
+      for (int64_t c = 0; c < RV; ++c) {
+        const V g = G[k * RV + c];
+        gW[k * RV + c] += g * (b.Kp[k * RV + c] - b.mv[c]);
+        gB[k * RV + c] += b.sg * g;
+        const V wg = b.Wt[k * RV + c] * g;
+        gm[c] -= wg;
+        gs += b.Bt[k * RV + c] * g;
+        G[k * RV + c] = wg;
+      }
+    }
+    const T* gms = reinterpret_cast<const T*>(gm.data());
+    for (int64_t r = 0; r < sd.R; ++r) out.gm[u * sd.R + r] += gms[r];
+    T sum = 0;
+    for (int64_t l = 0; l < W; ++l) sum += gs[l];
+    out.gsigma[u] += sum;
+  }
   const int64_t i_end = std::min(p, (sd.d + q - 1) / q);
-  std::vector<V> gPt(S * p * RV, V{}), gQt(S * q * RV, V{}), gwv(S, V{});
+  std::vector<V> gPt(S * p * RV, V{}), gQt(S * q * RV, V{}), gcv(S * RV, V{});
   // Two passes over G, four experts at a time with their sums in registers: the dots with Q (for P's
-  // and w's gradients) chunk by chunk, then Q's gradient entry by entry.
+  // and c's gradients) chunk by chunk, then Q's gradient entry by entry.
   for (int64_t c = 0; c < RV; ++c) {
     for (int64_t s0 = 0; s0 < S; s0 += 4) {
       const int64_t ns = std::min<int64_t>(4, S - s0);
@@ -268,8 +349,8 @@ void reduce(const Side<T>& sd, const Built<T>& b, const typename Wide<T>::V* G, 
           for (int64_t s = 0; s < ns; ++s) dot[s] += g * b.Qt[((s0 + s) * q + j) * RV + c];
         }
         for (int64_t s = 0; s < ns; ++s) {
-          gPt[((s0 + s) * p + i) * RV + c] = b.ws[s0 + s] * dot[s];
-          gwv[s0 + s] += b.Pt[((s0 + s) * p + i) * RV + c] * dot[s];
+          gPt[((s0 + s) * p + i) * RV + c] = b.cv[(s0 + s) * RV + c] * dot[s];
+          gcv[(s0 + s) * RV + c] += b.Pt[((s0 + s) * p + i) * RV + c] * dot[s];
         }
       }
       for (int64_t j = 0; j < q; ++j) {
@@ -282,28 +363,26 @@ void reduce(const Side<T>& sd, const Built<T>& b, const typename Wide<T>::V* G, 
       }
     }
   }
+  const int64_t block = sd.mixed ? 0 : u;
   for (int64_t s = 0; s < S; ++s) {
     const T* pt = reinterpret_cast<const T*>(gPt.data() + s * p * RV);
     const T* qt = reinterpret_cast<const T*>(gQt.data() + s * q * RV);
+    const T* cs = reinterpret_cast<const T*>(gcv.data() + s * RV);
     for (int64_t r = 0; r < sd.R; ++r) {
-      T* gPr = gP + (s * sd.R + r) * p;
-      T* gQr = gQ + (s * sd.R + r) * q;
+      T* gPr = out.gP + ((block + s) * sd.R + r) * p;
+      T* gQr = out.gQ + ((block + s) * sd.R + r) * q;
       for (int64_t i = 0; i < p; ++i) gPr[i] += pt[i * RV * W + r];
       for (int64_t j = 0; j < q; ++j) gQr[j] += qt[j * RV * W + r];
     }
-    if (gw) {
+    if (!sd.c) continue;
+    if (sd.c_per_row) {
+      for (int64_t r = 0; r < sd.R; ++r) out.gc[(u * S + s) * sd.R + r] += cs[r];
+    } else {
       T sum = 0;
-      for (int64_t l = 0; l < W; ++l) sum += gwv[s][l];
-      gw[s] += sum;
+      for (int64_t r = 0; r < sd.R; ++r) sum += cs[r];
+      out.gc[u * S + s] += sum;
     }
   }
-}
-
-template <typename T>
-Side<T> side_of(const c10::optional<torch::Tensor>& w, const torch::Tensor& P, const torch::Tensor& Q, int64_t d) {
-  const bool mixed = w.has_value() && w->defined();
-  return {mixed ? w->data_ptr<T>() : nullptr, P.data_ptr<T>(), Q.data_ptr<T>(), mixed ? P.size(0) : 1, P.size(1),
-          P.size(2), Q.size(2), d};
 }
 
 // Example indices in task order (stable), so that each thread builds a task's factors once.
@@ -314,48 +393,77 @@ std::vector<int64_t> task_order(const int64_t* task, int64_t n) {
   return order;
 }
 
-void check_side(const c10::optional<torch::Tensor>& w, const torch::Tensor& P, const torch::Tensor& Q, int64_t d,
-                int64_t U, const char* name) {
-  const bool mixed = w.has_value() && w->defined();
-  TORCH_CHECK(P.dim() == 3 && Q.dim() == 3 && P.is_contiguous() && Q.is_contiguous() && P.size(0) == Q.size(0) &&
-                  P.size(1) == Q.size(1),
+// A side's tensors, in the order the Python side passes them: c, P, Q, W, beta, m, sigma.
+struct SideTensors {
+  torch::Tensor c, P, Q, W, beta, m, sigma;
+  bool mixed;
+  int64_t U, d;
+};
+
+torch::Tensor present(const std::vector<c10::optional<torch::Tensor>>& t, size_t i) {
+  return i < t.size() && t[i].has_value() ? *t[i] : torch::Tensor();
+}
+
+SideTensors unpack(const std::vector<c10::optional<torch::Tensor>>& t, bool mixed, int64_t d, const char* name) {
+  TORCH_CHECK(t.size() == 7, "kron_lowrank: side ", name, ": 7 entries (c, P, Q, W, beta, m, sigma)");
+  SideTensors s{present(t, 0), present(t, 1), present(t, 2), present(t, 3), present(t, 4), present(t, 5),
+                present(t, 6), mixed, 0, d};
+  TORCH_CHECK(s.P.defined() && s.Q.defined() && s.P.dim() == 3 && s.Q.dim() == 3 && s.P.is_contiguous() &&
+                  s.Q.is_contiguous() && s.P.size(0) == s.Q.size(0) && s.P.size(1) == s.Q.size(1),
               "kron_lowrank: side ", name, ": P [S or U, R, p] and Q [S or U, R, q], contiguous");
-  TORCH_CHECK(P.size(2) * Q.size(2) >= d, "kron_lowrank: side ", name, ": p*q = ", P.size(2) * Q.size(2),
+  TORCH_CHECK(s.P.size(2) * s.Q.size(2) >= d, "kron_lowrank: side ", name, ": p*q = ", s.P.size(2) * s.Q.size(2),
               " is shorter than d = ", d);
-  if (mixed) {
-    TORCH_CHECK(w->dim() == 2 && w->is_contiguous() && w->size(0) == U && w->size(1) == P.size(0),
-                "kron_lowrank: side ", name, ": w [U, S], contiguous");
-  } else {
-    TORCH_CHECK(P.size(0) == U, "kron_lowrank: side ", name, ": plain operands need one block per task");
+  const int64_t S = mixed ? s.P.size(0) : 1, R = s.P.size(1);
+  TORCH_CHECK(!mixed || s.c.defined(), "kron_lowrank: side ", name, ": mixed operands need c");
+  if (s.c.defined()) {
+    TORCH_CHECK(s.c.is_contiguous() && (s.c.dim() == 2 || (s.c.dim() == 3 && s.c.size(2) == R)) && s.c.size(1) == S,
+                "kron_lowrank: side ", name, ": c [U, S] or [U, S, R], contiguous");
   }
+  s.U = mixed ? s.c.size(0) : s.P.size(0);
+  TORCH_CHECK(!s.c.defined() || s.c.size(0) == s.U, "kron_lowrank: side ", name, ": c needs one row per task");
+  if (s.W.defined()) {
+    TORCH_CHECK(s.beta.defined() && s.m.defined() && s.sigma.defined() && s.W.dim() == 2 && s.W.is_contiguous() &&
+                    s.beta.sizes() == s.W.sizes() && s.beta.is_contiguous() && (s.W.size(0) == 1 || s.W.size(0) == R) &&
+                    s.W.size(1) >= d && s.m.is_contiguous() && s.m.dim() == 2 && s.m.size(0) == s.U &&
+                    s.m.size(1) == R && s.sigma.dim() == 1 && s.sigma.size(0) == s.U,
+                "kron_lowrank: side ", name, ": W, beta [1 or R, >= d], m [U, R], sigma [U], contiguous");
+  }
+  return s;
+}
+
+template <typename T>
+Side<T> side_of(const SideTensors& t) {
+  const bool affine = t.W.defined();
+  auto ptr = [](const torch::Tensor& x) { return x.defined() ? x.data_ptr<T>() : nullptr; };
+  return {ptr(t.c), t.c.defined() && t.c.dim() == 3, t.mixed, ptr(t.P), ptr(t.Q), ptr(t.W), ptr(t.beta), ptr(t.m),
+          ptr(t.sigma), affine ? t.W.size(0) : 1, affine ? t.W.size(1) : 0, t.mixed ? t.P.size(0) : 1, t.P.size(1),
+          t.P.size(2), t.Q.size(2), t.d};
 }
 
 }  // namespace
 
-std::vector<torch::Tensor> kron_lowrank_forward(torch::Tensor x, torch::Tensor out, torch::Tensor task,
-                                                double scale, c10::optional<torch::Tensor> wA, torch::Tensor PA,
-                                                torch::Tensor QA, c10::optional<torch::Tensor> wB, torch::Tensor PB,
-                                                torch::Tensor QB) {
+std::vector<torch::Tensor> kron_lowrank_forward(torch::Tensor x, torch::Tensor out, torch::Tensor task, double scale,
+                                                bool mixed, std::vector<c10::optional<torch::Tensor>> side_A,
+                                                std::vector<c10::optional<torch::Tensor>> side_B) {
   TORCH_CHECK(x.dim() == 3 && out.dim() == 3 && x.is_contiguous() && out.is_contiguous() &&
                   x.size(0) == out.size(0) && x.size(1) == out.size(1),
               "kron_lowrank_forward: x [n, T, d_in] and out [n, T, d_out], contiguous");
-  const int64_t n = x.size(0), n_tok = x.size(1), d_in = x.size(2), d_out = out.size(2), R = PA.size(1);
+  const int64_t n = x.size(0), n_tok = x.size(1), d_in = x.size(2), d_out = out.size(2);
+  const SideTensors tA = unpack(side_A, mixed, d_in, "A"), tB = unpack(side_B, mixed, d_out, "B");
+  const int64_t R = tA.P.size(1), U = tA.U;
+  TORCH_CHECK(tB.P.size(1) == R && tB.U == U, "kron_lowrank_forward: both sides need the same rank and tasks");
   TORCH_CHECK(task.dim() == 1 && task.size(0) == n && task.scalar_type() == torch::kInt64,
               "kron_lowrank_forward: task [n] int64");
-  const int64_t U = wA.has_value() && wA->defined() ? wA->size(0) : PA.size(0);
-  check_side(wA, PA, QA, d_in, U, "A");
-  check_side(wB, PB, QB, d_out, U, "B");
-  TORCH_CHECK(PB.size(1) == R, "kron_lowrank_forward: both sides need the same rank");
-  auto y = torch::empty_like(out);
-  auto h = torch::empty({n, n_tok, R}, x.options());
   const int64_t* tk = task.data_ptr<int64_t>();
   for (int64_t e = 0; e < n; ++e) TORCH_CHECK(tk[e] >= 0 && tk[e] < U, "kron_lowrank_forward: task index out of range");
+  auto y = torch::empty_like(out);
+  auto h = torch::empty({n, n_tok, R}, x.options());
   const auto order = task_order(tk, n);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kron_lowrank_forward", [&] {
     using T = scalar_t;
     using V = typename Wide<T>::V;
     constexpr int64_t W = Wide<T>::W;
-    const Side<T> A = side_of<T>(wA, PA, QA, d_in), B = side_of<T>(wB, PB, QB, d_out);
+    const Side<T> A = side_of<T>(tA), B = side_of<T>(tB);
     const int64_t ldB = Built<T>::rows_stride(B);
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
       Built<T> a, b;
@@ -383,50 +491,84 @@ std::vector<torch::Tensor> kron_lowrank_forward(torch::Tensor x, torch::Tensor o
   return {y, h};
 }
 
+namespace {
+// Per-thread gradient sums of one side, and their totals in the inputs' shapes.
+struct SideAccumulators {
+  torch::Tensor gc, gP, gQ, gW, gbeta, gm, gsigma;  // [threads, ...]; gW, gbeta in the K layout [threads, d, RV*W]
+
+  SideAccumulators(const SideTensors& t, int64_t threads, int64_t lanes) {
+    auto acc = [&](const torch::Tensor& x) {
+      if (!x.defined()) return torch::Tensor();
+      std::vector<int64_t> shape{threads};
+      for (auto s : x.sizes()) shape.push_back(s);
+      return torch::zeros(shape, x.options());
+    };
+    gc = acc(t.c), gP = acc(t.P), gQ = acc(t.Q), gm = acc(t.m), gsigma = acc(t.sigma);
+    if (t.W.defined()) {
+      gW = torch::zeros({threads, t.d, lanes}, t.W.options());
+      gbeta = torch::zeros({threads, t.d, lanes}, t.W.options());
+    }
+  }
+
+  template <typename T>
+  SideGrads<T> of_thread(int64_t th) const {
+    auto at = [&](const torch::Tensor& x) { return x.defined() ? x[th].data_ptr<T>() : nullptr; };
+    return {at(gc), at(gP), at(gQ), at(gW), at(gbeta), at(gm), at(gsigma)};
+  }
+
+  // W's gradient from the K layout: [d, lanes] -> [Rw, ldw] (rows past d zero; Rw = 1: summed over r).
+  static torch::Tensor affine_total(const torch::Tensor& g, const torch::Tensor& like, int64_t R) {
+    auto full = torch::zeros_like(like);
+    auto rows = g.sum(0).narrow(1, 0, R).t();  // [R, d]
+    full.narrow(1, 0, rows.size(1)).copy_(like.size(0) == 1 ? rows.sum(0, true) : rows);
+    return full;
+  }
+
+  std::vector<torch::Tensor> totals(const SideTensors& t) const {
+    auto total = [](const torch::Tensor& x) { return x.defined() ? x.sum(0) : x; };
+    const int64_t R = t.P.size(1);
+    return {total(gc), total(gP), total(gQ),
+            gW.defined() ? affine_total(gW, t.W, R) : torch::Tensor(),
+            gbeta.defined() ? affine_total(gbeta, t.beta, R) : torch::Tensor(), total(gm), total(gsigma)};
+  }
+};
+}  // namespace
+
 std::vector<torch::Tensor> kron_lowrank_backward(torch::Tensor grad_y, torch::Tensor x, torch::Tensor h,
-                                                 torch::Tensor task, double scale, c10::optional<torch::Tensor> wA,
-                                                 torch::Tensor PA, torch::Tensor QA, c10::optional<torch::Tensor> wB,
-                                                 torch::Tensor PB, torch::Tensor QB, bool need_x) {
-  TORCH_CHECK(grad_y.is_contiguous() && x.is_contiguous() && h.is_contiguous(), "kron_lowrank_backward: contiguous inputs");
-  const int64_t n = x.size(0), n_tok = x.size(1), d_in = x.size(2), d_out = grad_y.size(2), R = PA.size(1);
-  const bool mixed = wA.has_value() && wA->defined();
-  const int64_t U = mixed ? wA->size(0) : PA.size(0);
+                                                 torch::Tensor task, double scale, bool mixed,
+                                                 std::vector<c10::optional<torch::Tensor>> side_A,
+                                                 std::vector<c10::optional<torch::Tensor>> side_B, bool need_x) {
+  TORCH_CHECK(grad_y.is_contiguous() && x.is_contiguous() && h.is_contiguous(),
+              "kron_lowrank_backward: contiguous inputs");
+  const int64_t n = x.size(0), n_tok = x.size(1), d_in = x.size(2), d_out = grad_y.size(2);
+  const SideTensors tA = unpack(side_A, mixed, d_in, "A"), tB = unpack(side_B, mixed, d_out, "B");
+  const int64_t R = tA.P.size(1);
   const int64_t* tk = task.data_ptr<int64_t>();
   const auto order = task_order(tk, n);
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
-  // Per thread, the operands' gradients it accumulated (a task may be split between two threads).
-  auto acc = [&](const torch::Tensor& t) {
-    std::vector<int64_t> shape{threads};
-    for (auto s : t.sizes()) shape.push_back(s);
-    return torch::zeros(shape, t.options());
-  };
-  torch::Tensor gwA = mixed ? acc(*wA) : torch::Tensor(), gwB = mixed ? acc(*wB) : torch::Tensor();
-  torch::Tensor gPA = acc(PA), gQA = acc(QA), gPB = acc(PB), gQB = acc(QB);
+  const int64_t lanes = x.scalar_type() == torch::kDouble ? Wide<double>::W : Wide<float>::W;
+  const int64_t padded = (R + lanes - 1) / lanes * lanes;
+  // Per thread, the inputs' gradients it accumulated (a task may be split between two threads).
+  const SideAccumulators accA(tA, threads, padded), accB(tB, threads, padded);
   torch::Tensor gx = need_x ? torch::empty_like(x) : torch::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kron_lowrank_backward", [&] {
     using T = scalar_t;
     using V = typename Wide<T>::V;
     constexpr int64_t W = Wide<T>::W;
-    const Side<T> A = side_of<T>(wA, PA, QA, d_in), B = side_of<T>(wB, PB, QB, d_out);
+    const Side<T> A = side_of<T>(tA), B = side_of<T>(tB);
     const int64_t ldA = Built<T>::rows_stride(A);
     const int64_t chunk = (n + threads - 1) / threads;
     at::parallel_for(0, threads, 1, [&](int64_t tbegin, int64_t tend) {
       for (int64_t th = tbegin; th < tend; ++th) {
+        const SideGrads<T> gA = accA.of_thread<T>(th), gB = accB.of_thread<T>(th);
         Built<T> a, b;
         std::vector<T> rowsA;
         std::vector<V> GH, Hp, GA, GB;
         int64_t current = -1;
         auto flush = [&]() {
           if (current < 0) return;
-          // Mixed: the operands are the experts' (one block for all tasks) and w has a row per task;
-          // plain: the task's own block.
-          const int64_t blockA = mixed ? 0 : current * R * A.p, blockB = mixed ? 0 : current * R * B.p;
-          reduce<T>(A, a, GA.data(), mixed ? gwA.data_ptr<T>() + (th * U + current) * A.S : nullptr,
-                    gPA.data_ptr<T>() + th * PA.numel() + blockA,
-                    gQA.data_ptr<T>() + th * QA.numel() + (mixed ? 0 : current * R * A.q));
-          reduce<T>(B, b, GB.data(), mixed ? gwB.data_ptr<T>() + (th * U + current) * B.S : nullptr,
-                    gPB.data_ptr<T>() + th * PB.numel() + blockB,
-                    gQB.data_ptr<T>() + th * QB.numel() + (mixed ? 0 : current * R * B.q));
+          reduce<T>(A, a, current, GA.data(), gA);
+          reduce<T>(B, b, current, GB.data(), gB);
         };
         for (int64_t pos = th * chunk; pos < std::min(n, (th + 1) * chunk); ++pos) {
           const int64_t e = order[pos], u = tk[e];
@@ -458,6 +600,8 @@ std::vector<torch::Tensor> kron_lowrank_backward(torch::Tensor grad_y, torch::Te
       }
     });
   });
-  auto total = [](const torch::Tensor& t) { return t.defined() ? t.sum(0) : t; };
-  return {gx, total(gwA), total(gPA), total(gQA), total(gwB), total(gPB), total(gQB)};
+  std::vector<torch::Tensor> result{gx};
+  for (const auto& t : accA.totals(tA)) result.push_back(t);
+  for (const auto& t : accB.totals(tB)) result.push_back(t);
+  return result;
 }

@@ -5,15 +5,14 @@
 #include <vector>
 
 // (y, h): y = out + (x A_u) B_u with h = scale * x A_u kept for the backward pass; x [n, T, d_in],
-// out [n, T, d_out], task [n]; per side the operands of the factors' last Kronecker product:
-// w [U, S], P [S, R, p], Q [S, R, q] (mixed) or w None, P [U, R, p], Q [U, R, q] (plain).
-std::vector<torch::Tensor> kron_lowrank_forward(torch::Tensor x, torch::Tensor out, torch::Tensor task,
-                                                double scale, c10::optional<torch::Tensor> wA, torch::Tensor PA,
-                                                torch::Tensor QA, c10::optional<torch::Tensor> wB, torch::Tensor PB,
-                                                torch::Tensor QB);
+// out [n, T, d_out], task [n]. Each side: [c, P, Q, W, beta, m, sigma] (None where absent), see
+// kron_lowrank.cpp; mixed: P, Q are the experts' (c required), else each task's.
+std::vector<torch::Tensor> kron_lowrank_forward(torch::Tensor x, torch::Tensor out, torch::Tensor task, double scale,
+                                                bool mixed, std::vector<c10::optional<torch::Tensor>> side_A,
+                                                std::vector<c10::optional<torch::Tensor>> side_B);
 
-// (grad x or None, grad wA or None, grad PA, grad QA, grad wB or None, grad PB, grad QB).
+// [grad x or None, then per side the gradients of c, P, Q, W, beta, m, sigma (None where absent)].
 std::vector<torch::Tensor> kron_lowrank_backward(torch::Tensor grad_y, torch::Tensor x, torch::Tensor h,
-                                                 torch::Tensor task, double scale, c10::optional<torch::Tensor> wA,
-                                                 torch::Tensor PA, torch::Tensor QA, c10::optional<torch::Tensor> wB,
-                                                 torch::Tensor PB, torch::Tensor QB, bool need_x);
+                                                 torch::Tensor task, double scale, bool mixed,
+                                                 std::vector<c10::optional<torch::Tensor>> side_A,
+                                                 std::vector<c10::optional<torch::Tensor>> side_B, bool need_x);
