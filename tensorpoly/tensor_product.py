@@ -62,6 +62,17 @@ class PairNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(shape, **factory), requires_grad=affine_trainable)
         self.bias = nn.Parameter(torch.zeros(shape, **factory), requires_grad=affine_trainable)
 
+    def frozen_identity(self) -> bool:
+        """Whether the affine is frozen at weight 1, bias 0 (the paper's setting), so that it can be left
+        out; checked again only when a parameter changes (its version counter or storage)."""
+        if self.weight.requires_grad or self.bias.requires_grad:
+            return False
+        key = (self.weight._version, self.bias._version, self.weight.data_ptr(), self.bias.data_ptr())
+        cached = self.__dict__.get("_identity")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_identity"] = (key, bool((self.weight == 1).all() and (self.bias == 0).all()))
+        return cached[1]
+
     def forward(self, z: torch.Tensor, used: int | None = None) -> torch.Tensor:
         """Normalise z; with over_padding=False the statistics use only its first `used` entries,
         the ones that survive truncation to d (the rest are dropped after the product anyway)."""

@@ -23,8 +23,10 @@ def factor_rows(side, d, mixed):
         rows = products
     else:
         rows = products * (c[:, 0] if c.dim() == 3 else c).unsqueeze(-1)
+    if m is not None:
+        rows = rows - m.unsqueeze(-1)
     if W is not None:
-        rows = W[:, :d] * (rows - m.unsqueeze(-1)) + sigma[:, None, None] * beta[:, :d]
+        rows = W[:, :d] * rows + sigma[:, None, None] * beta[:, :d]
     return rows
 
 
@@ -38,7 +40,8 @@ def update_written_out(x, out, task, rank, A, B, mixed):
 
 def side(mixed, U, S, R, p, q, dtype, g, coefficient="task", affine_rows=None):
     """One side's 7 entries. coefficient: "task" (c [U, S]: TensorPoly-I's w; plain: none), "row"
-    (c [U, S, R]; plain: [U, 1, R]). affine_rows: None, or the rows of W and beta (1 or R)."""
+    (c [U, S, R]; plain: [U, 1, R]). affine_rows: None, the rows of W and beta (1 or R), or "shift"
+    (m only: an identity affine)."""
     def rand(*shape):
         return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_()
 
@@ -49,7 +52,9 @@ def side(mixed, U, S, R, p, q, dtype, g, coefficient="task", affine_rows=None):
     else:
         c = torch.softmax(torch.randn(U, S, generator=g, dtype=dtype), -1).requires_grad_() if mixed else None
     affine = (None,) * 4
-    if affine_rows:
+    if affine_rows == "shift":
+        affine = (None, None, rand(U, R), None)
+    elif affine_rows:
         affine = (rand(affine_rows, p * q), rand(affine_rows, p * q), rand(U, R), rand(U))
     return (c, P, Q, *affine)
 
@@ -60,14 +65,14 @@ SHAPES = [(5, 7, 37, 53, 5, 3, 3, (7, 6), (6, 9)), (3, 3, 20, 20, 17, 2, 1, (5, 
           (4, 9, 33, 17, 40, 2, 4, (6, 6), (5, 4)), (6, 5, 16, 48, 16, 4, 2, (4, 4), (7, 7)),
           (3, 12, 512, 1024, 16, 8, 3, (21, 25), (41, 25))]
 # (coefficient, affine rows): order 3 and up (bare mixture), order 2 (LayerNorm'd pairs, joint or row scope).
-FORMS = [("task", None), ("row", "R"), ("task", 1)]
+FORMS = [("task", None), ("row", "R"), ("task", 1), ("row", "shift")]
 
 
 @needs_kernel
 @pytest.mark.parametrize("mixed", [True, False], ids=["mixed", "plain"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("form", FORMS, ids=["bare", "affine-rows", "affine-shared"])
+@pytest.mark.parametrize("form", FORMS, ids=["bare", "affine-rows", "affine-shared", "shift"])
 def test_fused_update_equals_the_update_with_materialised_factors(mixed, dtype, shape, form):
     n, T, d_in, d_out, R, S, U, (pa, qa), (pb, qb) = shape
     coefficient, affine = form
@@ -96,7 +101,7 @@ def test_fused_update_equals_the_update_with_materialised_factors(mixed, dtype, 
 
 @needs_kernel
 @pytest.mark.parametrize("mixed", [True, False], ids=["mixed", "plain"])
-@pytest.mark.parametrize("form", FORMS, ids=["bare", "affine-rows", "affine-shared"])
+@pytest.mark.parametrize("form", FORMS, ids=["bare", "affine-rows", "affine-shared", "shift"])
 def test_gradcheck_fused_update(mixed, form):
     g = torch.Generator().manual_seed(3)
     coefficient, affine = form

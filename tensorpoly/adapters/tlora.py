@@ -138,11 +138,14 @@ def folds_norm(member) -> bool:
 
 
 def stacked_norm(members, side: str):
-    """(scope, eps, W [G, r or 1, l^2], beta) of every member's (only) pair norm of one side, or None."""
+    """(scope, eps, W [G, r or 1, l^2], beta) of every member's (only) pair norm of one side, or None;
+    W and beta None where every affine is frozen at the identity."""
     norms = [getattr(m, f"norms_{side}") for m in members]
     if not len(norms[0]):
         return None
     first = norms[0][0]
+    if all(n[0].frozen_identity() for n in norms):
+        return first.scope, first.eps, None, None
     W = torch.stack([n[0].weight for n in norms])
     beta = torch.stack([n[0].bias for n in norms])
     L = W.shape[-1]
@@ -201,7 +204,7 @@ def side_rows(side: tuple, d: int, mixed: bool) -> torch.Tensor:
     """A side's rows [U, r, d] with PyTorch ops (and the construction kernel where it runs): what the
     fused update computes without storing them."""
     c, P, Q, W, beta, m, sigma = side
-    if W is None and (c is None or (mixed and c.dim() == 2)):
+    if W is None and m is None and (c is None or (mixed and c.dim() == 2)):
         return member_rows(c, P, Q, d)
     products = kron_rows(P, Q, d)  # [S or U, r, d]
     if mixed:
@@ -211,6 +214,8 @@ def side_rows(side: tuple, d: int, mixed: bool) -> torch.Tensor:
         rows = products if c is None else products * (c[:, 0] if c.dim() == 3 else c).unsqueeze(-1)
     if W is not None:
         rows = torch.addcmul(sigma[:, None, None] * beta[:, :d], W[:, :d], rows - m.unsqueeze(-1))
+    elif m is not None:
+        rows = rows - m.unsqueeze(-1)
     return rows
 
 
@@ -218,7 +223,8 @@ def folded_pair_norm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None, n
     """The side whose rows are sum_s c_s LN(a_s ⊗ b_s) W + beta (mixed: c [G, U, S]) or LN(a_u ⊗ b_u)
     W + beta (c None): the LayerNorm's statistics folded into the coefficients, as LN(z) W + beta =
     W (rstd z - rstd mean) + beta, so that no pair product is ever built. a, b [G, E, r, l] (E: the
-    experts or the tasks). norm: (scope, eps, W [G, r or 1, l^2], beta), or None for no norm. The
+    experts or the tasks). norm: (scope, eps, W [G, r or 1, l^2], beta), or None for no norm; W and beta
+    None: the affine is the identity, and the rows are sum_s c_s rstd_s (a_s ⊗ b_s) - m. The
     statistics run over all l^2 entries (norm_over_padding), from the leaves' own: over the entries
     a_i b_j of a row, the mean is mean(a) mean(b) and the variance mean(a)^2 var(b) + mean(b)^2 var(a)
     + var(a) var(b) (a sum of non-negative terms: no cancellation); joint, the mean of the rows' variances
@@ -236,9 +242,11 @@ def folded_pair_norm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None, n
     rstd = torch.rsqrt(var + eps).expand(mean_a.shape)
     shift = mean * rstd
     if c is None:
-        return (rstd.unsqueeze(2), a, b, W, beta, shift.expand(rstd.shape), torch.ones(rstd.shape[:2], dtype=a.dtype))
+        sigma = None if W is None else torch.ones(rstd.shape[:2], dtype=a.dtype)
+        return (rstd.unsqueeze(2), a, b, W, beta, shift.expand(rstd.shape), sigma)
     coef = c.unsqueeze(-1) * rstd.unsqueeze(1)  # [G, U, S, r]
-    return (coef, a, b, W, beta, torch.einsum("gus,gsr->gur", c, shift.expand(rstd.shape)), c.sum(-1))
+    m = torch.einsum("gus,gsr->gur", c, shift.expand(rstd.shape))
+    return (coef, a, b, W, beta, m, None if W is None else c.sum(-1))
 
 
 def group_members(w, P, Q, d: int, transpose: bool) -> tuple:

@@ -8,9 +8,10 @@
 //
 // the experts' operands P, Q (mixed: TensorPoly-I) or the task's own (plain, one term: TLoRA,
 // TensorPoly-II); c is per task and expert, optionally per rank row (an absent c is 1). Without the
-// affine part (W absent) a row is the bare mixture: the last Kronecker product of a factor built from
-// order 3 on. With it, a row is a mixture of LayerNorm'd leaf pairs, the whole factor at order 2:
-// LN(z) W + beta = W (rstd z - rstd mean) + beta, the statistics folded into c and m by the caller.
+// affine part (W and m absent) a row is the bare mixture: the last Kronecker product of a factor built
+// from order 3 on. With it, a row is a mixture of LayerNorm'd leaf pairs, the whole factor at order 2:
+// LN(z) W + beta = W (rstd z - rstd mean) + beta, the statistics folded into c and m by the caller;
+// with m but no W (the norm's affine frozen at the identity) a row is the mixture minus m.
 //
 // Why: materialising the factors per task costs, in a training step on a CPU, tens of MB written, read
 // back by the matrix products, kept for the backward pass, and as many gradient bytes again. Here a
@@ -54,6 +55,7 @@ struct Side {
   const T* sigma;
   int64_t Rw, ldw, S, R, p, q, d;
   bool affine() const { return W != nullptr; }
+  bool shifted() const { return m != nullptr; }  // W absent, m present: row = mixture - m
   const T* W_row(int64_t r) const { return W + (Rw == 1 ? 0 : r) * ldw; }
   const T* beta_row(int64_t r) const { return beta + (Rw == 1 ? 0 : r) * ldw; }
 };
@@ -134,14 +136,19 @@ struct Built {
         }
       }
     }
-    if (!sd.affine()) return;
+    if (!sd.shifted()) return;
+    mv.assign(RV, V{});
+    std::copy(sd.m + u * sd.R, sd.m + (u + 1) * sd.R, reinterpret_cast<T*>(mv.data()));
+    if (!sd.affine()) {
+      for (int64_t k = 0; k < sd.d; ++k)
+        for (int64_t c = 0; c < RV; ++c) K[k * RV + c] -= mv[c];
+      return;
+    }
     if (!affine_ready) {
       transpose_into(Wt, sd.W, sd.R, sd.d, sd.ldw, RV, sd.Rw == 1);
       transpose_into(Bt, sd.beta, sd.R, sd.d, sd.ldw, RV, sd.Rw == 1);
       affine_ready = true;
     }
-    mv.assign(RV, V{});
-    std::copy(sd.m + u * sd.R, sd.m + (u + 1) * sd.R, reinterpret_cast<T*>(mv.data()));
     sg = sd.sigma[u];
     K.resize(sd.d * RV);
     for (int64_t k = 0; k < sd.d; ++k)
@@ -181,6 +188,10 @@ struct Built {
         const T mr = sd.m[u * sd.R + r], sgr = sd.sigma[u];
 #pragma omp simd
         for (int64_t k = 0; k < sd.d; ++k) row[k] = Wr[k] * (row[k] - mr) + sgr * br[k];
+      } else if (sd.shifted()) {
+        const T mr = sd.m[u * sd.R + r];
+#pragma omp simd
+        for (int64_t k = 0; k < sd.d; ++k) row[k] -= mr;
       }
     }
   }
@@ -333,6 +344,12 @@ void reduce(const Side<T>& sd, const Built<T>& b, int64_t u, typename Wide<T>::V
     T sum = 0;
     for (int64_t l = 0; l < W; ++l) sum += gs[l];
     out.gsigma[u] += sum;
+  } else if (sd.shifted()) {
+    std::vector<V> gm(RV, V{});
+    for (int64_t k = 0; k < sd.d; ++k)
+      for (int64_t c = 0; c < RV; ++c) gm[c] -= G[k * RV + c];
+    const T* gms = reinterpret_cast<const T*>(gm.data());
+    for (int64_t r = 0; r < sd.R; ++r) out.gm[u * sd.R + r] += gms[r];
   }
   const int64_t i_end = std::min(p, (sd.d + q - 1) / q);
   std::vector<V> gPt(S * p * RV, V{}), gQt(S * q * RV, V{}), gcv(S * RV, V{});
@@ -421,6 +438,8 @@ SideTensors unpack(const std::vector<c10::optional<torch::Tensor>>& t, bool mixe
   }
   s.U = mixed ? s.c.size(0) : s.P.size(0);
   TORCH_CHECK(!s.c.defined() || s.c.size(0) == s.U, "kron_lowrank: side ", name, ": c needs one row per task");
+  TORCH_CHECK(!s.m.defined() || (s.m.is_contiguous() && s.m.dim() == 2 && s.m.size(0) == s.U && s.m.size(1) == R),
+              "kron_lowrank: side ", name, ": m [U, R], contiguous");
   if (s.W.defined()) {
     TORCH_CHECK(s.beta.defined() && s.m.defined() && s.sigma.defined() && s.W.dim() == 2 && s.W.is_contiguous() &&
                     s.beta.sizes() == s.W.sizes() && s.beta.is_contiguous() && (s.W.size(0) == 1 || s.W.size(0) == R) &&
