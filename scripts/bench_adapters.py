@@ -585,7 +585,8 @@ def markdown(result: dict) -> str:
                  "of the ratio within a round). Page faults / step: median minor page faults of the process over a "
                  "timed training step (fresh memory from the kernel). Factors fwd+bwd: our grouped adapters' factor "
                  "construction alone, as a training step builds them (every layer group's build for the batch's tasks "
-                 "and its backward pass, no backbone; LoRA builds none), median of as many interleaved rounds. "
+                 "and its backward pass, no backbone; LoRA builds none; with the fused update, what the group hands "
+                 "its layers: the factors' operands, not the factors), median of as many interleaved rounds. "
                  "Peak: " + result["memory_note"])
     compiled = [row for row in result["rows"] if row.get("compile")]
     if compiled:

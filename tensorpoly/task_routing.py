@@ -48,7 +48,9 @@ class TaskRouting:
         self.grouping = True  # False: every layer builds its own factors (the simple path)
         self.cache_size = 16  # tasks whose factors a group keeps for gradient-free calls; 0 turns caching off
         # Training: keep only the factors' small pieces for the backward pass and rebuild the factors
-        # there (less memory, a little more time); False keeps the factors.
+        # there (less memory, a little more time); False keeps the factors. Where the fused CPU update
+        # runs (kron_kernel.low_rank: the tensor types at every order from 2, float32/64 on a CPU) the
+        # factors are never stored in the first place, either way.
         self.recompute_factors = False
         # True: a group builds every member's whole factors in batched operations; False: only small
         # pieces, and each member finishes its own (TensorFactors.build_group). recompute_factors

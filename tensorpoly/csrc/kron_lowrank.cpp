@@ -97,9 +97,10 @@ struct Built {
     ready = block;
   }
 
-  void build(const Side<T>& sd, int64_t u) {
+  // Everything of task u that the factor, its rows and the reduction of its gradient start from.
+  void prepare(const Side<T>& sd, int64_t u) {
     RV = (sd.R + W - 1) / W;
-    const int64_t S = sd.S, p = sd.p, q = sd.q;
+    const int64_t S = sd.S, p = sd.p;
     const int64_t block = sd.mixed ? 0 : u;
     if (ready != block) transpose_operands(sd, block);
     cv.assign(S * RV, V{});
@@ -112,6 +113,23 @@ struct Built {
     for (int64_t s = 0; s < S; ++s)
       for (int64_t i = 0; i < p; ++i)
         for (int64_t k = 0; k < RV; ++k) Pw[(s * p + i) * RV + k] = cv[s * RV + k] * Pt[(s * p + i) * RV + k];
+    if (sd.shifted()) {
+      mv.assign(RV, V{});
+      std::copy(sd.m + u * sd.R, sd.m + (u + 1) * sd.R, reinterpret_cast<T*>(mv.data()));
+    }
+    if (sd.affine()) {
+      sg = sd.sigma[u];
+      if (!affine_ready) {
+        transpose_into(Wt, sd.W, sd.R, sd.d, sd.ldw, RV, sd.Rw == 1);
+        transpose_into(Bt, sd.beta, sd.R, sd.d, sd.ldw, RV, sd.Rw == 1);
+        affine_ready = true;
+      }
+    }
+  }
+
+  // The factor K (after prepare), and with an affine part the mixture before it, Kp.
+  void factor(const Side<T>& sd) {
+    const int64_t S = sd.S, p = sd.p, q = sd.q;
     std::vector<V>& mix = sd.affine() ? Kp : K;
     mix.assign(sd.d * RV, V{});
     // Experts four at a time, their coefficients held in registers across the q entries of a chunk.
@@ -137,19 +155,11 @@ struct Built {
       }
     }
     if (!sd.shifted()) return;
-    mv.assign(RV, V{});
-    std::copy(sd.m + u * sd.R, sd.m + (u + 1) * sd.R, reinterpret_cast<T*>(mv.data()));
     if (!sd.affine()) {
       for (int64_t k = 0; k < sd.d; ++k)
         for (int64_t c = 0; c < RV; ++c) K[k * RV + c] -= mv[c];
       return;
     }
-    if (!affine_ready) {
-      transpose_into(Wt, sd.W, sd.R, sd.d, sd.ldw, RV, sd.Rw == 1);
-      transpose_into(Bt, sd.beta, sd.R, sd.d, sd.ldw, RV, sd.Rw == 1);
-      affine_ready = true;
-    }
-    sg = sd.sigma[u];
     K.resize(sd.d * RV);
     for (int64_t k = 0; k < sd.d; ++k)
       for (int64_t c = 0; c < RV; ++c) K[k * RV + c] = Wt[k * RV + c] * (Kp[k * RV + c] - mv[c]) + sg * Bt[k * RV + c];
@@ -492,8 +502,9 @@ std::vector<torch::Tensor> kron_lowrank_forward(torch::Tensor x, torch::Tensor o
       for (int64_t pos = begin; pos < end; ++pos) {
         const int64_t e = order[pos], u = tk[e];
         if (u != current) {
-          a.build(A, u);
-          b.build(B, u);
+          a.prepare(A, u);
+          a.factor(A);
+          b.prepare(B, u);
           b.rows(B, u, rowsB, ldB);
           H.resize(n_tok * a.RV);
           current = u;
@@ -593,9 +604,12 @@ std::vector<torch::Tensor> kron_lowrank_backward(torch::Tensor grad_y, torch::Te
           const int64_t e = order[pos], u = tk[e];
           if (u != current) {
             flush();
-            a.build(A, u);
-            b.build(B, u);
+            // A: its rows for x's gradient, its mixture for W's; B: its factor for the intermediate's.
+            a.prepare(A, u);
+            if (A.affine()) a.factor(A);
             if (need_x) a.rows(A, u, rowsA, ldA);
+            b.prepare(B, u);
+            b.factor(B);
             GA.assign(d_in * a.RV, V{});
             GB.assign(d_out * b.RV, V{});
             GH.resize(n_tok * a.RV);
