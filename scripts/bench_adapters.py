@@ -566,6 +566,7 @@ def markdown(result: dict) -> str:
              f"target {s['target_len']}, {s['dtype']}, {s['adapted_linears']} adapted linears. {where}; "
              f"torch {result['versions']['torch']}. Median of {s['steps']} steps after {s['warmup']} warm-up"
              f"{', interleaved' if s['interleave'] else ''}. AdamW with foreach kernels"
+             f"{'; Python GC: objects alive after building frozen (gc.freeze, as in training)' if s.get('python_gc') else ''}"
              f"{'; allocator: ' + hw['allocator'] if 'allocator' in hw else ''}"
              f"{'; fused CPU kernel: ' + hw['fused_kernel'] if 'fused_kernel' in hw else ''}.",
              "",
@@ -728,6 +729,9 @@ def main(argv=None) -> int:
             runner = make(v)
             measure(runner, train=True, evaluation=False)
             runners.append(runner)
+        # As training runs (experiment/fit.py): the models out of the cyclic collector's walks.
+        gc.collect()
+        gc.freeze()
         for _ in counted("timed train", tqdm(range(preset["steps"]), desc="train rounds", unit="round")):
             for runner in runners:
                 runner.timed(runner.train_step, runner.train_ms)
@@ -744,10 +748,13 @@ def main(argv=None) -> int:
                 runner.timed(lambda r=runner: construct(r), runner.construct_ms)
         for runner in tqdm(runners, desc="peak memory", unit="variant"):
             memory[runner.variant.name] = runner.peak_bytes()
+        gc.unfreeze()
     else:
         for v in tqdm(rows, desc="variants", unit="variant"):
             runner = make(v)
             measure(runner, train=True, evaluation=False)
+            gc.collect()
+            gc.freeze()
             for _ in range(preset["steps"]):
                 runner.timed(runner.train_step, runner.train_ms)
             memory[v.name] = runner.peak_bytes()
@@ -760,6 +767,7 @@ def main(argv=None) -> int:
             # Keep the timings, free the model before the next one is built.
             runner.model = runner.call = runner.optimizer = runner.params = None
             runners.append(runner)
+            gc.unfreeze()
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -776,7 +784,7 @@ def main(argv=None) -> int:
                       batch=preset["batch"], distinct=preset["distinct"], input_len=preset["input_len"],
                       target_len=preset["target_len"], dtype=preset["dtype"], n_tasks=len(tasks),
                       steps=preset["steps"], warmup=preset["warmup"], interleave=preset["interleave"],
-                      adapted_linears=adapted, task_ids=batch["task_ids"].tolist(),
+                      adapted_linears=adapted, task_ids=batch["task_ids"].tolist(), python_gc="frozen after building",
                       compile=modes, compile_dynamic=args.compile_dynamic),
         hardware=dict(hardware(device), allocator=allocator), versions=versions(),
         seconds=round(time.perf_counter() - started, 1),

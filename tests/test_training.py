@@ -78,3 +78,18 @@ def test_a_sub_mixture_routes_and_trains_only_its_datasets(tmp_path):
     tasks = adapter_config["adapter_config"]["task_names"]
     assert tasks == sorted(tasks) and {t.split("/")[0] for t in tasks} == {"topic", "count"}
     assert len(tasks) == 7  # 4 topic + 3 count templates (data/README.md)
+
+
+def test_frozen_gc_freezes_only_within_the_context():
+    import gc
+
+    from tensorpoly.experiment.runtime import frozen_gc
+
+    before = gc.get_freeze_count()
+    with frozen_gc():
+        assert gc.get_freeze_count() > before
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError, match="inside"):
+        with frozen_gc():
+            raise RuntimeError("inside")
+    assert gc.get_freeze_count() == 0

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..data import Collator
 from .batches import StepBatches
+from .runtime import frozen_gc
 
 
 def fit(accelerator, model, optimizer, scheduler, features: list[dict], loss_fn: Callable, recipe, seed: int,
@@ -23,6 +24,13 @@ def fit(accelerator, model, optimizer, scheduler, features: list[dict], loss_fn:
     """Train from start_step to recipe.steps; after_step(step, metrics) may return "stop" (checkpointing,
     validation and logging live there); step_context(step) wraps the forward and backward passes of
     optimizer step `step` (0-based). Returns the last step's metrics."""
+    with frozen_gc():
+        return _fit(accelerator, model, optimizer, scheduler, features, loss_fn, recipe, seed, pad_id, start_step,
+                    after_step, desc, step_context)
+
+
+def _fit(accelerator, model, optimizer, scheduler, features, loss_fn, recipe, seed, pad_id, start_step, after_step,
+         desc, step_context) -> dict:
     ga, steps = int(recipe.grad_accum), int(recipe.steps)
     batches = StepBatches(len(features), int(recipe.batch_size), seed, accelerator.process_index,
                           accelerator.num_processes)
