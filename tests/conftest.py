@@ -77,3 +77,16 @@ ROUTED_TYPES = ["poly", "mhr", "tensorpoly1", "tensorpoly2"]
 @pytest.fixture
 def tasks():
     return list(TASKS)
+
+
+def on_one_and_several_threads(run, several: int = 3):
+    """(run() on one torch thread, run() on `several`): kernels that split their work over threads must
+    not let two threads write the same result."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(several)
+        return one, run()
+    finally:
+        torch.set_num_threads(threads)

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import adapted, batch
+from conftest import adapted, batch, on_one_and_several_threads
 from tensorpoly import kron_kernel
 from tensorpoly.adapters.tlora import MemberRows
 from tensorpoly.tensor_product import StackedNorms, kron_rows, make_pair_norms, pair_norm
@@ -254,14 +254,7 @@ def test_several_threads_give_the_single_thread_results():
         loss = sum((m ** 2).sum() for m in rows + plain) + (pair ** 3).sum()
         return torch.autograd.grad(loss, [w, P, Q, a, b, W, beta])
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run()
-        torch.set_num_threads(3)
-        several = run()
-    finally:
-        torch.set_num_threads(threads)
+    one, several = on_one_and_several_threads(run)
     for x, y in zip(several, one):
         torch.testing.assert_close(x, y, rtol=1e-13, atol=1e-13)
 

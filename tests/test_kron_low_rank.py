@@ -3,7 +3,7 @@ against the update written out with the factors materialised, and the model with
 import pytest
 import torch
 
-from conftest import adapted, batch
+from conftest import adapted, batch, on_one_and_several_threads
 from tensorpoly import kron_kernel
 from tensorpoly.tensor_product import kron_rows
 
@@ -168,14 +168,7 @@ def test_several_threads_give_the_single_thread_results():
         y = kron_kernel.KronLowRank.apply(x, out, task, 0.2, True, *A, *B)
         return (y, *torch.autograd.grad((y ** 2).sum(), [t for t in (x, *A, *B) if t is not None]))
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run()
-        torch.set_num_threads(3)
-        several = run()
-    finally:
-        torch.set_num_threads(threads)
+    one, several = on_one_and_several_threads(run)
     for a, b in zip(one, several):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
 
