@@ -60,10 +60,13 @@ def side(mixed, U, S, R, p, q, dtype, g, coefficient="task", affine_rows=None):
 
 
 # (n, T, d_in, d_out, R, S, U, (p, q) of A, (p, q) of B): d not a multiple of the lanes, p*q > d (a cut),
-# rank below, at, between and above whole vectors, one task for all examples, T5-small's shapes.
+# rank below, at, between and above whole vectors, one task for all examples, T5-small's shapes,
 SHAPES = [(5, 7, 37, 53, 5, 3, 3, (7, 6), (6, 9)), (3, 3, 20, 20, 17, 2, 1, (5, 4), (4, 5)),
           (4, 9, 33, 17, 40, 2, 4, (6, 6), (5, 4)), (6, 5, 16, 48, 16, 4, 2, (4, 4), (7, 7)),
-          (3, 12, 512, 1024, 16, 8, 3, (21, 25), (41, 25))]
+          (3, 12, 512, 1024, 16, 8, 3, (21, 25), (41, 25)),
+          # chunks of 1 to 5 vectors (q 5, 21, 41, 70: the row builder's unrolled and general cases) and
+          # order 4's long p (chunks built eight at a time, with a remainder)
+          (2, 3, 512, 150, 16, 8, 2, (103, 5), (3, 70)), (2, 2, 40, 123, 3, 2, 2, (2, 21), (3, 41))]
 # (coefficient, affine rows): order 3 and up (bare mixture), order 2 (LayerNorm'd pairs, joint or row scope).
 FORMS = [("task", None), ("row", "R"), ("task", 1), ("row", "shift")]
 

@@ -165,16 +165,53 @@ struct Built {
       for (int64_t c = 0; c < RV; ++c) K[k * RV + c] = Wt[k * RV + c] * (Kp[k * RV + c] - mv[c]) + sg * Bt[k * RV + c];
   }
 
+  // Row r's chunks row[i q : (i + 1) q] = sum_s Pw[s][i][r] Q_s[r] (Qv: each expert's Q row in NV vectors;
+  // NV 0: any length), IB chunks at a time: independent sums, so that the experts' multiply-adds do not
+  // wait on each other (with short chunks one chain per chunk is latency-bound).
+  template <int NV>
+  void row_chunks(const Side<T>& sd, int64_t r, const V* Qv, T* row) const {
+    constexpr int64_t IB = NV == 0 ? 1 : NV == 1 ? 8 : 4;
+    const int64_t S = sd.S, p = sd.p, q = sd.q, nv = NV == 0 ? (q + W - 1) / W : NV;
+    const int64_t i_end = std::min(p, (sd.d + q - 1) / q);
+    const T* pw = reinterpret_cast<const T*>(Pw.data());
+    std::vector<V> wide(NV == 0 ? nv : 0);
+    for (int64_t i0 = 0; i0 < i_end; i0 += IB) {
+      const int64_t ib = std::min(IB, i_end - i0);
+      if constexpr (NV == 0) {
+        for (int64_t k = 0; k < nv; ++k) wide[k] = V{};
+        for (int64_t s = 0; s < S; ++s) {
+          const T c = pw[(s * p + i0) * RV * W + r];
+          for (int64_t k = 0; k < nv; ++k) wide[k] += c * Qv[s * nv + k];
+        }
+        for (int64_t k = 0; k < nv; ++k) stv(row + i0 * q + k * W, wide[k]);
+      } else {
+        V acc[IB][NV] = {};
+        for (int64_t s = 0; s < S; ++s) {
+          V qs[NV];
+          for (int k = 0; k < NV; ++k) qs[k] = Qv[s * NV + k];
+          const T* c = pw + (s * p + i0) * RV * W + r;
+          for (int64_t b = 0; b < IB; ++b) {
+            if (b < ib) {
+              const T cb = c[b * RV * W];
+              for (int k = 0; k < NV; ++k) acc[b][k] += cb * qs[k];
+            }
+          }
+        }
+        // A chunk's padding lanes spill into the next chunk, written after it; the stride leaves room.
+        for (int64_t b = 0; b < ib; ++b)
+          for (int k = 0; k < NV; ++k) stv(row + (i0 + b) * q + k * W, acc[b][k]);
+      }
+    }
+  }
+
   // rows[r][k] = K[k][r] for k < d, row stride ld >= rows_stride(sd): built straight from the operands
   // (rank row by rank row, q entries at a time along the lanes), not by transposing K.
   static int64_t rows_stride(const Side<T>& sd) { return (sd.p * sd.q + W - 1) / W * W + W; }
 
   void rows(const Side<T>& sd, int64_t u, std::vector<T>& out, int64_t ld) const {
-    const int64_t S = sd.S, p = sd.p, q = sd.q, nv = (q + W - 1) / W;
-    const int64_t i_end = std::min(p, (sd.d + q - 1) / q);
+    const int64_t S = sd.S, q = sd.q, nv = (q + W - 1) / W;
     out.resize(sd.R * ld);
-    std::vector<V> Qv(S * nv), acc(nv);
-    const T* pw = reinterpret_cast<const T*>(Pw.data());
+    std::vector<V> Qv(S * nv);
     for (int64_t r = 0; r < sd.R; ++r) {
       for (int64_t s = 0; s < S; ++s) {
         const int64_t o = sd.mixed ? s : u;
@@ -183,14 +220,12 @@ struct Built {
         std::memcpy(dst, sd.Q + (o * sd.R + r) * q, q * sizeof(T));
       }
       T* row = out.data() + r * ld;
-      for (int64_t i = 0; i < i_end; ++i) {
-        for (int64_t k = 0; k < nv; ++k) acc[k] = V{};
-        for (int64_t s = 0; s < S; ++s) {
-          const T c = pw[(s * p + i) * RV * W + r];
-          for (int64_t k = 0; k < nv; ++k) acc[k] += c * Qv[s * nv + k];
-        }
-        // A chunk's padding lanes spill into the next chunk, written after it; the stride leaves room.
-        for (int64_t k = 0; k < nv; ++k) stv(row + i * q + k * W, acc[k]);
+      switch (nv) {
+        case 1: row_chunks<1>(sd, r, Qv.data(), row); break;
+        case 2: row_chunks<2>(sd, r, Qv.data(), row); break;
+        case 3: row_chunks<3>(sd, r, Qv.data(), row); break;
+        case 4: row_chunks<4>(sd, r, Qv.data(), row); break;
+        default: row_chunks<0>(sd, r, Qv.data(), row);
       }
       if (sd.affine()) {
         const T* Wr = sd.W_row(r);
@@ -326,9 +361,40 @@ struct SideGrads {
   T *gc, *gP, *gQ, *gW, *gbeta, *gm, *gsigma;
 };
 
-// The gradient of one task's factor, G [d][RV] (consumed), reduced into its inputs' gradients.
+// P's and Q's gradients in the lane layout of Built's Pt and Qt ([S][p][RV], [S][q][RV]). Mixed operands
+// are every task's: their sums stay in this layout over all of a thread's tasks, and are transposed into
+// the gradients' layout once (add_into); a plain side's are the task's own, transposed per task.
 template <typename T>
-void reduce(const Side<T>& sd, const Built<T>& b, int64_t u, typename Wide<T>::V* G, const SideGrads<T>& out) {
+struct LaneGrads {
+  using V = typename Wide<T>::V;
+  std::vector<V> P, Q;
+
+  void zero(const Side<T>& sd, int64_t RV) {
+    P.assign(sd.S * sd.p * RV, V{});
+    Q.assign(sd.S * sd.q * RV, V{});
+  }
+
+  // gP[block + s][r][:] += P[s][:][r] (likewise Q), block: the task's operands (plain) or 0 (mixed).
+  void add_into(const Side<T>& sd, int64_t RV, int64_t block, const SideGrads<T>& out) const {
+    constexpr int64_t W = Wide<T>::W;
+    for (int64_t s = 0; s < sd.S; ++s) {
+      const T* pt = reinterpret_cast<const T*>(P.data() + s * sd.p * RV);
+      const T* qt = reinterpret_cast<const T*>(Q.data() + s * sd.q * RV);
+      for (int64_t r = 0; r < sd.R; ++r) {
+        T* gPr = out.gP + ((block + s) * sd.R + r) * sd.p;
+        T* gQr = out.gQ + ((block + s) * sd.R + r) * sd.q;
+        for (int64_t i = 0; i < sd.p; ++i) gPr[i] += pt[i * RV * W + r];
+        for (int64_t j = 0; j < sd.q; ++j) gQr[j] += qt[j * RV * W + r];
+      }
+    }
+  }
+};
+
+// The gradient of one task's factor, G [d][RV] (consumed), reduced into its inputs' gradients; P's and Q's
+// summed into lanes (mixed: zeroed by the caller once, added to out by it at the end).
+template <typename T>
+void reduce(const Side<T>& sd, const Built<T>& b, int64_t u, typename Wide<T>::V* G, const SideGrads<T>& out,
+            LaneGrads<T>& lanes) {
   using V = typename Wide<T>::V;
   constexpr int64_t W = Wide<T>::W;
   const int64_t S = sd.S, p = sd.p, q = sd.q, RV = b.RV;
@@ -362,7 +428,10 @@ void reduce(const Side<T>& sd, const Built<T>& b, int64_t u, typename Wide<T>::V
     for (int64_t r = 0; r < sd.R; ++r) out.gm[u * sd.R + r] += gms[r];
   }
   const int64_t i_end = std::min(p, (sd.d + q - 1) / q);
-  std::vector<V> gPt(S * p * RV, V{}), gQt(S * q * RV, V{}), gcv(S * RV, V{});
+  if (!sd.mixed) lanes.zero(sd, RV);
+  std::vector<V>& gPt = lanes.P;
+  std::vector<V>& gQt = lanes.Q;
+  std::vector<V> gcv(S * RV, V{});
   // Two passes over G, four experts at a time with their sums in registers: the dots with Q (for P's
   // and c's gradients) chunk by chunk, then Q's gradient entry by entry.
   for (int64_t c = 0; c < RV; ++c) {
@@ -376,7 +445,7 @@ void reduce(const Side<T>& sd, const Built<T>& b, int64_t u, typename Wide<T>::V
           for (int64_t s = 0; s < ns; ++s) dot[s] += g * b.Qt[((s0 + s) * q + j) * RV + c];
         }
         for (int64_t s = 0; s < ns; ++s) {
-          gPt[((s0 + s) * p + i) * RV + c] = b.cv[(s0 + s) * RV + c] * dot[s];
+          gPt[((s0 + s) * p + i) * RV + c] += b.cv[(s0 + s) * RV + c] * dot[s];
           gcv[(s0 + s) * RV + c] += b.Pt[((s0 + s) * p + i) * RV + c] * dot[s];
         }
       }
@@ -386,21 +455,13 @@ void reduce(const Side<T>& sd, const Built<T>& b, int64_t u, typename Wide<T>::V
           const V g = G[(i * q + j) * RV + c];
           for (int64_t s = 0; s < ns; ++s) acc[s] += g * b.Pw[((s0 + s) * p + i) * RV + c];
         }
-        for (int64_t s = 0; s < ns; ++s) gQt[((s0 + s) * q + j) * RV + c] = acc[s];
+        for (int64_t s = 0; s < ns; ++s) gQt[((s0 + s) * q + j) * RV + c] += acc[s];
       }
     }
   }
-  const int64_t block = sd.mixed ? 0 : u;
+  if (!sd.mixed) lanes.add_into(sd, RV, u, out);
   for (int64_t s = 0; s < S; ++s) {
-    const T* pt = reinterpret_cast<const T*>(gPt.data() + s * p * RV);
-    const T* qt = reinterpret_cast<const T*>(gQt.data() + s * q * RV);
     const T* cs = reinterpret_cast<const T*>(gcv.data() + s * RV);
-    for (int64_t r = 0; r < sd.R; ++r) {
-      T* gPr = out.gP + ((block + s) * sd.R + r) * p;
-      T* gQr = out.gQ + ((block + s) * sd.R + r) * q;
-      for (int64_t i = 0; i < p; ++i) gPr[i] += pt[i * RV * W + r];
-      for (int64_t j = 0; j < q; ++j) gQr[j] += qt[j * RV * W + r];
-    }
     if (!sd.c) continue;
     if (sd.c_per_row) {
       for (int64_t r = 0; r < sd.R; ++r) out.gc[(u * S + s) * sd.R + r] += cs[r];
@@ -592,13 +653,14 @@ std::vector<torch::Tensor> kron_lowrank_backward(torch::Tensor grad_y, torch::Te
       for (int64_t th = tbegin; th < tend; ++th) {
         const SideGrads<T> gA = accA.of_thread<T>(th), gB = accB.of_thread<T>(th);
         Built<T> a, b;
+        LaneGrads<T> lanesA, lanesB;
         std::vector<T> rowsA;
         std::vector<V> GH, Hp, GA, GB;
         int64_t current = -1;
         auto flush = [&]() {
           if (current < 0) return;
-          reduce<T>(A, a, current, GA.data(), gA);
-          reduce<T>(B, b, current, GB.data(), gB);
+          reduce<T>(A, a, current, GA.data(), gA, lanesA);
+          reduce<T>(B, b, current, GB.data(), gB, lanesB);
         };
         for (int64_t pos = th * chunk; pos < std::min(n, (th + 1) * chunk); ++pos) {
           const int64_t e = order[pos], u = tk[e];
@@ -610,6 +672,10 @@ std::vector<torch::Tensor> kron_lowrank_backward(torch::Tensor grad_y, torch::Te
             if (need_x) a.rows(A, u, rowsA, ldA);
             b.prepare(B, u);
             b.factor(B);
+            if (current < 0) {  // the first task: mixed operands' sums start here
+              if (A.mixed) lanesA.zero(A, a.RV);
+              if (B.mixed) lanesB.zero(B, b.RV);
+            }
             GA.assign(d_in * a.RV, V{});
             GB.assign(d_out * b.RV, V{});
             GH.resize(n_tok * a.RV);
@@ -630,6 +696,8 @@ std::vector<torch::Tensor> kron_lowrank_backward(torch::Tensor grad_y, torch::Te
                       reinterpret_cast<const T*>(GH.data()), a.RV * W, rowsA.data(), ldA, R);
         }
         flush();
+        if (current >= 0 && A.mixed) lanesA.add_into(A, a.RV, 0, gA);
+        if (current >= 0 && B.mixed) lanesB.add_into(B, b.RV, 0, gB);
       }
     });
   });
