@@ -390,6 +390,83 @@ struct LaneGrads {
   }
 };
 
+// The gradient G [d][RV] of one task's factor, lane vector c, reduced into the sums of experts s0 .. s0 + NS
+// (gPt, gQt, gcv in the lane layout of Built's Pt, Qt, cv). Two passes over G with the experts' sums in
+// registers, two chunks (pass 1) or two entries (pass 2) at a time, so that each load of G feeds 2 NS
+// multiply-adds: the dots with Q chunk by chunk (P's and c's gradients), then Q's gradient entry by entry.
+template <typename T, int NS>
+void reduce_experts(const Side<T>& sd, const Built<T>& b, const typename Wide<T>::V* G, int64_t c, int64_t s0,
+                    typename Wide<T>::V* gPt, typename Wide<T>::V* gQt, typename Wide<T>::V* gcv) {
+  using V = typename Wide<T>::V;
+  const int64_t p = sd.p, q = sd.q, RV = b.RV;
+  const int64_t full = std::min(p, sd.d / q);             // chunks of q entries, all inside d
+  const int64_t i_end = std::min(p, (sd.d + q - 1) / q);  // and the last, partial one
+  const V* Qt = b.Qt.data() + s0 * q * RV + c;            // Qt[s][j] at (s q + j) RV
+  const V* Pw = b.Pw.data() + s0 * p * RV + c;            // Pw[s][i] at (s p + i) RV
+  const V* g = G + c;                                      // G[k] at k RV
+  auto finish = [&](int64_t i, const V* dot) {
+    for (int s = 0; s < NS; ++s) {
+      gPt[((s0 + s) * p + i) * RV + c] += b.cv[(s0 + s) * RV + c] * dot[s];
+      gcv[(s0 + s) * RV + c] += b.Pt[((s0 + s) * p + i) * RV + c] * dot[s];
+    }
+  };
+  int64_t i = 0;
+  for (; i + 2 <= full; i += 2) {
+    V d0[NS] = {}, d1[NS] = {};
+    const V* g0 = g + i * q * RV;
+    const V* g1 = g0 + q * RV;
+    for (int64_t j = 0; j < q; ++j) {
+      const V a0 = g0[j * RV], a1 = g1[j * RV];
+      for (int s = 0; s < NS; ++s) {
+        const V qv = Qt[(s * q + j) * RV];
+        d0[s] += a0 * qv;
+        d1[s] += a1 * qv;
+      }
+    }
+    finish(i, d0);
+    finish(i + 1, d1);
+  }
+  for (; i < i_end; ++i) {
+    const int64_t j_end = std::min(q, sd.d - i * q);
+    V d0[NS] = {};
+    for (int64_t j = 0; j < j_end; ++j) {
+      const V a0 = g[(i * q + j) * RV];
+      for (int s = 0; s < NS; ++s) d0[s] += a0 * Qt[(s * q + j) * RV];
+    }
+    finish(i, d0);
+  }
+  const int64_t tail = full < i_end ? sd.d - full * q : 0;  // entries of the partial chunk
+  int64_t j = 0;
+  for (; j + 2 <= q; j += 2) {
+    V a0[NS] = {}, a1[NS] = {};
+    for (int64_t i = 0; i < full; ++i) {
+      const V g0 = g[(i * q + j) * RV], g1 = g[(i * q + j + 1) * RV];
+      for (int s = 0; s < NS; ++s) {
+        const V pw = Pw[(s * p + i) * RV];
+        a0[s] += g0 * pw;
+        a1[s] += g1 * pw;
+      }
+    }
+    for (int s = 0; s < NS; ++s) {
+      if (j < tail) a0[s] += g[(full * q + j) * RV] * Pw[(s * p + full) * RV];
+      if (j + 1 < tail) a1[s] += g[(full * q + j + 1) * RV] * Pw[(s * p + full) * RV];
+      gQt[((s0 + s) * q + j) * RV + c] += a0[s];
+      gQt[((s0 + s) * q + j + 1) * RV + c] += a1[s];
+    }
+  }
+  for (; j < q; ++j) {
+    V a0[NS] = {};
+    for (int64_t i = 0; i < full; ++i) {
+      const V g0 = g[(i * q + j) * RV];
+      for (int s = 0; s < NS; ++s) a0[s] += g0 * Pw[(s * p + i) * RV];
+    }
+    for (int s = 0; s < NS; ++s) {
+      if (j < tail) a0[s] += g[(full * q + j) * RV] * Pw[(s * p + full) * RV];
+      gQt[((s0 + s) * q + j) * RV + c] += a0[s];
+    }
+  }
+}
+
 // The gradient of one task's factor, G [d][RV] (consumed), reduced into its inputs' gradients; P's and Q's
 // summed into lanes (mixed: zeroed by the caller once, added to out by it at the end).
 template <typename T>
@@ -432,32 +509,11 @@ void reduce(const Side<T>& sd, const Built<T>& b, int64_t u, typename Wide<T>::V
   std::vector<V>& gPt = lanes.P;
   std::vector<V>& gQt = lanes.Q;
   std::vector<V> gcv(S * RV, V{});
-  // Two passes over G, four experts at a time with their sums in registers: the dots with Q (for P's
-  // and c's gradients) chunk by chunk, then Q's gradient entry by entry.
   for (int64_t c = 0; c < RV; ++c) {
-    for (int64_t s0 = 0; s0 < S; s0 += 4) {
-      const int64_t ns = std::min<int64_t>(4, S - s0);
-      for (int64_t i = 0; i < i_end; ++i) {
-        const int64_t j_end = std::min(q, sd.d - i * q);
-        V dot[4] = {};
-        for (int64_t j = 0; j < j_end; ++j) {
-          const V g = G[(i * q + j) * RV + c];
-          for (int64_t s = 0; s < ns; ++s) dot[s] += g * b.Qt[((s0 + s) * q + j) * RV + c];
-        }
-        for (int64_t s = 0; s < ns; ++s) {
-          gPt[((s0 + s) * p + i) * RV + c] += b.cv[(s0 + s) * RV + c] * dot[s];
-          gcv[(s0 + s) * RV + c] += b.Pt[((s0 + s) * p + i) * RV + c] * dot[s];
-        }
-      }
-      for (int64_t j = 0; j < q; ++j) {
-        V acc[4] = {};
-        for (int64_t i = 0; i < i_end && i * q + j < sd.d; ++i) {
-          const V g = G[(i * q + j) * RV + c];
-          for (int64_t s = 0; s < ns; ++s) acc[s] += g * b.Pw[((s0 + s) * p + i) * RV + c];
-        }
-        for (int64_t s = 0; s < ns; ++s) gQt[((s0 + s) * q + j) * RV + c] += acc[s];
-      }
-    }
+    int64_t s0 = 0;
+    for (; s0 + 8 <= S; s0 += 8) reduce_experts<T, 8>(sd, b, G, c, s0, gPt.data(), gQt.data(), gcv.data());
+    for (; s0 + 4 <= S; s0 += 4) reduce_experts<T, 4>(sd, b, G, c, s0, gPt.data(), gQt.data(), gcv.data());
+    for (; s0 < S; ++s0) reduce_experts<T, 1>(sd, b, G, c, s0, gPt.data(), gQt.data(), gcv.data());
   }
   if (!sd.mixed) lanes.add_into(sd, RV, u, out);
   for (int64_t s = 0; s < S; ++s) {
