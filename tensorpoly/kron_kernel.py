@@ -161,12 +161,13 @@ def normed_pair(a: torch.Tensor, b: torch.Tensor, used: int, scope: str, eps: fl
                 weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
     """pair_norm(kron_rows(a, b), used, ...) of tensor_product in one kernel call: a [*lead, r, la] and
     b [*lead, r, lb] -> [*lead, r, la*lb]. weight and bias as pair_norm takes them: the norm's own shape
-    ([r, L] joint, [L] row), or with one leading axis of layers over lead[0] (StackedNorms); None for no norm."""
+    ([r, L] joint, [L] row), or with one leading axis of layers over lead[0] (StackedNorms); None for no
+    affine (scope "none": no norm)."""
     *lead, R, la = a.shape
     L = la * b.shape[-1]
     B = math.prod(lead)
     W = beta = None
-    if scope != "none":
+    if scope != "none" and weight is not None:
         own = 2 if scope == "joint" else 1
         layers = weight.shape[0] if weight.dim() > own else 1
         W, beta = weight.reshape(layers, -1, L), bias.reshape(layers, -1, L)

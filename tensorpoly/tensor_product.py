@@ -82,17 +82,19 @@ class PairNorm(nn.Module):
 def pair_norm(z: torch.Tensor, used: int | None, scope: str, eps: float, over_padding: bool,
               weight: torch.Tensor, bias: torch.Tensor, fused: bool = True) -> torch.Tensor:
     """PairNorm's computation. fused=False takes weight and bias of any shape that broadcasts
-    against z (one affine per layer of a stacked group) instead of exactly the norm's shape."""
+    against z (one affine per layer of a stacked group) instead of exactly the norm's shape.
+    weight and bias None: no affine (one frozen at the identity)."""
     shape = tuple(z.shape[-2:]) if scope == "joint" else tuple(z.shape[-1:])
     if over_padding or used is None or used >= z.shape[-1]:
-        if fused:
+        if fused or weight is None:
             return F.layer_norm(z, shape, weight, bias, eps)
         return torch.addcmul(bias, F.layer_norm(z, shape, None, None, eps), weight)
     dims = (-2, -1) if scope == "joint" else (-1,)
     kept = z[..., :used]
     mean = kept.mean(dims, keepdim=True)
     var = kept.var(dims, unbiased=False, keepdim=True)
-    return (z - mean) * torch.rsqrt(var + eps) * weight + bias
+    normed = (z - mean) * torch.rsqrt(var + eps)
+    return normed if weight is None else normed * weight + bias
 
 
 class StackedNorms:
@@ -108,6 +110,10 @@ class StackedNorms:
         self.norms = []
         for p in range(self.count):
             first = lists[0][p]
+            if all(norms[p].frozen_identity() for norms in lists):
+                # Every affine is the identity: no stacked copies, no affine pass.
+                self.norms.append((first.scope, first.eps, first.over_padding, None, None))
+                continue
             weight = torch.stack([norms[p].weight for norms in lists])
             bias = torch.stack([norms[p].bias for norms in lists])
             own = tuple(weight.shape[1:])  # [r, l^2] (joint) or [l^2] (row); z is [G, *lead, r, l^2]
@@ -194,7 +200,7 @@ def _row_factors(leaves: torch.Tensor, d: int, specs: tuple) -> list[torch.Tenso
     order, leaf = leaves.shape[-3], leaves.shape[-1]
     lengths = [leaf * leaf] * n_leaf_pairs(order) + [leaf] * (order % 2)
     factors = []
-    fused = kron_kernel.usable(leaves, *(t for spec in specs for t in spec[3:5]))
+    fused = kron_kernel.usable(leaves, *(t for spec in specs for t in spec[3:5] if t is not None))
     for p in range(n_leaf_pairs(order)):
         first, second = leaves[..., 2 * p, :, :], leaves[..., 2 * p + 1, :, :]
         if fused:  # product and norm in one kernel call each way (kron_kernel.PairNorm)

@@ -306,3 +306,34 @@ def test_frozen_identity_norm_affine_is_left_out_only_while_it_is_one(module_typ
         torch.testing.assert_close(logits_on, logits_off, rtol=1e-12, atol=1e-12)
         for name in grads_off:
             assert_grad_close(grads_on[name], grads_off[name], name)
+
+
+@needs_kernel
+@pytest.mark.parametrize("module_type", ["tlora", "tensorpoly1", "tensorpoly2"])
+def test_frozen_identity_affine_of_stacked_pair_norms_is_left_out_only_while_it_is_one(module_type, monkeypatch):
+    """From order 3 on the group's pair norms run stacked (StackedNorms): with every affine frozen at the
+    identity no affine is stacked or applied; once one changes in place, the group applies them all."""
+    calls = []
+    apply = kron_kernel.PairNorm.apply
+    monkeypatch.setattr(kron_kernel.PairNorm, "apply", lambda *a: calls.append(a) or apply(*a))
+    model = adapted(module_type, order=4).train()
+    norms = [n for _, adapter in model.adapters() for side in ("A", "B") for n in getattr(adapter, f"norms_{side}")]
+    assert norms and not any(n.weight.requires_grad for n in norms)
+    with torch.no_grad():
+        for n in norms:
+            n.weight.fill_(1.0)
+            n.bias.zero_()
+    task_ids = [2, 0, 2, 3]
+    for changed in (False, True):
+        if changed:
+            with torch.no_grad():
+                norms[0].bias.add_(0.25)
+        calls.clear()
+        with kron_kernel.fused_kernels(False):
+            logits_off, grads_off = run_step(model, task_ids)
+        logits_on, grads_on = run_step(model, task_ids)
+        affines_given = [call[2] is not None for call in calls]  # (a, b, W, beta, scope, used, eps)
+        assert calls and any(affines_given) == changed
+        torch.testing.assert_close(logits_on, logits_off, rtol=1e-12, atol=1e-12)
+        for name in grads_off:
+            assert_grad_close(grads_on[name], grads_off[name], name)

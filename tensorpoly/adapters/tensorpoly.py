@@ -43,7 +43,7 @@ class TensorPolyILinear(TensorFactors):
 
     @classmethod
     def leaf_pair(cls, members, side, weights):
-        leaves, _ = cls.stacked(members, side, lead=1)  # [G, 2, S, r, l]
+        leaves = cls.stacked_leaves(members, side)  # [G, 2, S, r, l]
         return leaves[:, 0], leaves[:, 1], weights[:, :, 0].to(leaves.dtype)  # the experts', w [G, U, S]
 
 
@@ -61,11 +61,15 @@ class TensorPolyIILinear(TensorFactors):
         return A.transpose(1, 2), B
 
     @staticmethod
-    def mixed_leaves(members, side, weights):
-        """Every member's leaves of one side mixed per task, [G, U, N, r, l], and its stacked norms."""
+    def mixed_leaves(members, side, weights, norms: bool = True):
+        """Every member's leaves of one side mixed per task, [G, U, N, r, l], and its stacked norms
+        (None with norms=False)."""
         G, U, N, S = weights.shape
         w = weights.to(members[0].leaves_A.dtype).transpose(1, 2).reshape(G * N, U, S)
-        leaves, norms = TensorFactors.stacked(members, side, lead=1)  # [G, N, S, r, l]
+        if norms:
+            leaves, norms = TensorFactors.stacked(members, side, lead=1)  # [G, N, S, r, l]
+        else:
+            leaves, norms = TensorFactors.stacked_leaves(members, side), None
         r, leaf = leaves.shape[-2:]
         mixed = torch.bmm(w, leaves.reshape(G * N, S, r * leaf)).view(G, N, U, r, leaf).transpose(1, 2)
         return mixed, norms
@@ -77,11 +81,11 @@ class TensorPolyIILinear(TensorFactors):
 
     @classmethod
     def own_side_rows(cls, members, side, d, weights):
-        mixed, norms = cls.mixed_leaves(members, side, weights)
+        mixed, _ = cls.mixed_leaves(members, side, weights, norms=False)
         return [(lambda x, norms=getattr(m, f"norms_{side}"): build_rows(x, d, norms), (x,))
                 for m, x in zip(members, mixed.unbind(0))]
 
     @classmethod
     def leaf_pair(cls, members, side, weights):
-        mixed, _ = cls.mixed_leaves(members, side, weights)  # [G, U, 2, r, l]
+        mixed, _ = cls.mixed_leaves(members, side, weights, norms=False)  # [G, U, 2, r, l]
         return mixed[:, :, 0], mixed[:, :, 1], None  # each task's own pair

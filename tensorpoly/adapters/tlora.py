@@ -63,9 +63,14 @@ class TensorFactors(AdapterLinear):
                 norm_signature(self.norms_A), norm_signature(self.norms_B))
 
     @staticmethod
-    def stacked(members, side: str, lead: int):
+    def stacked_leaves(members, side: str) -> torch.Tensor:
+        """Leaves [G, N, *experts, r, l] of one factor side of every member, stacked."""
+        return torch.stack([getattr(m, f"leaves_{side}") for m in members])
+
+    @classmethod
+    def stacked(cls, members, side: str, lead: int):
         """Leaves [G, N, *experts, r, l] and norms of one factor side of every member, stacked."""
-        leaves = torch.stack([getattr(m, f"leaves_{side}") for m in members])
+        leaves = cls.stacked_leaves(members, side)
         norms = getattr(members[0], f"norms_{side}")
         if len(norms):
             norms = StackedNorms([getattr(m, f"norms_{side}") for m in members], lead)
@@ -338,5 +343,5 @@ class TLoRALinear(TensorFactors):
 
     @classmethod
     def leaf_pair(cls, members, side, weights):
-        leaves, _ = cls.stacked(members, side, lead=0)  # [G, 2, r, l]
+        leaves = cls.stacked_leaves(members, side)  # [G, 2, r, l]
         return leaves[:, 0].unsqueeze(1), leaves[:, 1].unsqueeze(1), None
