@@ -7,6 +7,7 @@ import torch
 
 from conftest import adapted, batch, on_one_and_several_threads
 from tensorpoly import kron_kernel
+from tensorpoly.kron_kernel import SCOPES
 from tensorpoly.adapters.tlora import MemberRows
 from tensorpoly.tensor_product import StackedNorms, kron_rows, make_pair_norms, pair_norm
 
@@ -118,6 +119,31 @@ def test_normed_pair_equals_pytorch_ops(scope, used, stacked, dtype):
         assert (x is None) == (y is None)
         if x is not None:
             torch.testing.assert_close(x, y, **tol)
+
+
+@needs_kernel
+@pytest.mark.parametrize("scope", ["joint", "row"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("lengths", [(5, 5), (3, 7), (23, 23)])
+def test_normed_pair_without_affine_equals_layer_norm(scope, dtype, lengths):
+    """No affine, statistics over every entry (the paper's frozen identity): the kernel takes the
+    statistics from the leaves and reduces the gradient through per-row dots; against F.layer_norm of
+    the written-out products, with offsets in the leaves so that the means matter."""
+    g = torch.Generator().manual_seed(11)
+    la, lb = lengths
+    a = (torch.randn(6, 4, la, generator=g, dtype=dtype) + 0.7).requires_grad_()
+    b = (torch.randn(6, 4, lb, generator=g, dtype=dtype) - 0.4).requires_grad_()
+    got = kron_kernel.normed_pair(a, b, la * lb, scope, 1e-5, None, None)
+    z = kron_rows(a, b)
+    want = torch.nn.functional.layer_norm(z, tuple(z.shape[-2:]) if scope == "joint" else z.shape[-1:], eps=1e-5)
+    tol = dict(rtol=1e-11, atol=1e-11) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(got, want, **tol)
+    grad = torch.randn(want.shape, generator=g, dtype=dtype)
+    for x, y in zip(torch.autograd.grad(got, (a, b), grad), torch.autograd.grad(want, (a, b), grad)):
+        torch.testing.assert_close(x, y, **tol)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(
+            lambda x, y: kron_kernel.PairNorm.apply(x, y, None, None, SCOPES[scope], la * lb, 1e-5), (a[:2], b[:2]))
 
 
 @needs_kernel

@@ -306,10 +306,70 @@ void plain_backward(const T* P, const T* Q, const std::vector<Rows>& grads, int6
 // row r of it if the affine has R rows, else its only row.
 enum Scope { kNone = 0, kJoint = 1, kRow = 2 };
 
+// Mean and (biased) variance of n values, two passes.
+template <typename T>
+inline void moments(const T* x, int64_t n, T& mean, T& var) {
+  T sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += x[i];
+  mean = sum / static_cast<T>(n);
+  T sq = 0;
+  for (int64_t i = 0; i < n; ++i) sq += (x[i] - mean) * (x[i] - mean);
+  var = sq / static_cast<T>(n);
+}
+
+// The statistics of the entries a_i b_j of rows `first` .. `first + rows` of block (a, bv), from the
+// leaves' own: a row's mean is mean(a) mean(b), its variance mean(a)^2 var(b) + mean(b)^2 var(a) +
+// var(a) var(b) (non-negative terms: no cancellation); over several rows, the mean of their variances plus
+// the variance of their means. O(la + lb) per row instead of passes over its la lb entries.
+template <typename T>
+inline void folded_moments(const T* a, const T* bv, int64_t first, int64_t rows, int64_t la, int64_t lb, T& mu,
+                           T& var) {
+  T sum_mean = 0, sum_var = 0, sum_sq_mean = 0;
+  thread_local std::vector<T> row_mean;
+  row_mean.resize(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    T ma, va, mb, vb;
+    moments(a + (first + r) * la, la, ma, va);
+    moments(bv + (first + r) * lb, lb, mb, vb);
+    row_mean[r] = ma * mb;
+    sum_mean += row_mean[r];
+    sum_var += ma * ma * vb + mb * mb * va + va * vb;
+  }
+  mu = sum_mean / static_cast<T>(rows);
+  for (int64_t r = 0; r < rows; ++r) sum_sq_mean += (row_mean[r] - mu) * (row_mean[r] - mu);
+  var = (sum_var + sum_sq_mean) / static_cast<T>(rows);
+}
+
 template <typename T>
 void pair_forward(const T* a, const T* bv, const T* W, const T* beta, T* y, T* mean, T* rstd, int64_t B, int64_t R,
                   int64_t la, int64_t lb, int64_t Gw, int64_t Rw, int scope, int64_t used, double eps) {
   const int64_t L = la * lb, per_affine = B / Gw;
+  if (scope != kNone && !W && used == L) {
+    // No affine and statistics over every entry (the paper's setting): statistics from the leaves, then
+    // one pass that writes the normalised products.
+    const int64_t groups = scope == kJoint ? 1 : R, rows = scope == kJoint ? R : 1;
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        for (int64_t s = 0; s < groups; ++s) {
+          T mu, var;
+          folded_moments(a + b * R * la, bv + b * R * lb, s * rows, rows, la, lb, mu, var);
+          const T inv = static_cast<T>(1.0 / std::sqrt(static_cast<double>(var) + eps)), shift = mu * inv;
+          mean[b * groups + s] = mu;
+          rstd[b * groups + s] = inv;
+          for (int64_t r = s * rows; r < (s + 1) * rows; ++r) {
+            const T* ar = a + (b * R + r) * la;
+            const T* br = bv + (b * R + r) * lb;
+            T* yr = y + (b * R + r) * L;
+            for (int64_t i = 0; i < la; ++i) {
+              const T c = ar[i] * inv;
+              for (int64_t j = 0; j < lb; ++j) yr[i * lb + j] = c * br[j] - shift;
+            }
+          }
+        }
+      }
+    });
+    return;
+  }
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       T* yb = y + b * R * L;
@@ -362,11 +422,73 @@ void pair_forward(const T* a, const T* bv, const T* W, const T* beta, T* y, T* m
   });
 }
 
+// pair_backward without an affine, statistics over every entry: with z = a_i b_j and yhat = (z - mu) rstd,
+// dz = rstd (g - c1 - yhat c2), c1 = mean(g), c2 = mean(g yhat), so that only the dots
+// D_i = sum_j g_ij b_j and E_j = sum_i a_i g_ij of each row are taken over its entries:
+//   sum g yhat = rstd (sum_i a_i D_i - mu sum g),
+//   grad a_i = rstd (D_i - c1 sum b - c2 rstd (a_i sum b^2 - mu sum b)), likewise grad b_j.
+template <typename T>
+void pair_backward_folded(const T* a, const T* bv, const T* mean, const T* rstd, const T* gy, T* ga, T* gb,
+                          int64_t B, int64_t R, int64_t la, int64_t lb, int scope) {
+  const int64_t L = la * lb, groups = scope == kJoint ? 1 : R, rows = scope == kJoint ? R : 1;
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> D(rows * la), E(rows * lb);
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t s = 0; s < groups; ++s) {
+        const T mu = mean[b * groups + s], inv = rstd[b * groups + s];
+        T s1 = 0, sad = 0;
+        for (int64_t k = 0; k < rows; ++k) {
+          const int64_t r = s * rows + k;
+          const T* ar = a + (b * R + r) * la;
+          const T* br = bv + (b * R + r) * lb;
+          const T* gr = gy + (b * R + r) * L;
+          T* Dk = D.data() + k * la;
+          T* Ek = E.data() + k * lb;
+          std::fill(Ek, Ek + lb, T(0));
+          // Scalar on purpose: a leaf is a few entries long, too short for vectors' horizontal sums.
+          for (int64_t i = 0; i < la; ++i) {
+            const T c = ar[i];
+            const T* gi = gr + i * lb;
+            T dot = 0, sum = 0;
+            for (int64_t j = 0; j < lb; ++j) {
+              dot += gi[j] * br[j];
+              sum += gi[j];
+              Ek[j] += c * gi[j];
+            }
+            Dk[i] = dot;
+            s1 += sum;
+            sad += c * dot;
+          }
+        }
+        const T n = static_cast<T>(rows * L), c1 = s1 / n, c2 = inv * (sad - mu * s1) / n;
+        for (int64_t k = 0; k < rows; ++k) {
+          const int64_t r = s * rows + k;
+          const T* ar = a + (b * R + r) * la;
+          const T* br = bv + (b * R + r) * lb;
+          T sa = 0, saa = 0, sb = 0, sbb = 0;
+          for (int64_t i = 0; i < la; ++i) sa += ar[i], saa += ar[i] * ar[i];
+          for (int64_t j = 0; j < lb; ++j) sb += br[j], sbb += br[j] * br[j];
+          T* gar = ga + (b * R + r) * la;
+          T* gbr = gb + (b * R + r) * lb;
+          for (int64_t i = 0; i < la; ++i)
+            gar[i] = inv * (D[k * la + i] - c1 * sb - c2 * inv * (ar[i] * sbb - mu * sb));
+          for (int64_t j = 0; j < lb; ++j)
+            gbr[j] = inv * (E[k * lb + j] - c1 * sa - c2 * inv * (br[j] * saa - mu * sa));
+        }
+      }
+    }
+  });
+}
+
 template <typename T>
 void pair_backward(const T* a, const T* bv, const T* W, const T* mean, const T* rstd, const T* gy, T* ga, T* gb,
                    T* gW, T* gbeta, int64_t B, int64_t R, int64_t la, int64_t lb, int64_t Gw, int64_t Rw, int scope,
                    int64_t used) {
   const int64_t L = la * lb, per_affine = B / Gw;
+  if (scope != kNone && !W && used == L) {
+    pair_backward_folded(a, bv, mean, rstd, gy, ga, gb, B, R, la, lb, scope);
+    return;
+  }
   // One task per affine: the blocks that share it accumulate its gradient without races.
   at::parallel_for(0, Gw, 1, [&](int64_t gbegin, int64_t gend) {
     std::vector<T> yhat(R * L), gz(R * L);
