@@ -198,6 +198,35 @@ class PairNorm(torch.autograd.Function):
         return ga, gb, gW if affine_grad else None, gbeta if affine_grad else None, None, None, None
 
 
+def pair_stats(a: torch.Tensor, b: torch.Tensor, scope: str, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rstd, mean * rstd) [*lead, r] of the LayerNorm over the entries of a ⊗ b (a [*lead, r, la],
+    b [*lead, r, lb]; scope "row": each row, "joint": the r rows of a block together, repeated per row),
+    from the leaves' own statistics (csrc/kron_rows.cpp pair_stats_forward)."""
+    *lead, R, la = a.shape
+    n = math.prod(lead)
+    rstd, shift = PairStats.apply(a.reshape(n, R, la), b.reshape(n, R, b.shape[-1]), SCOPES[scope], eps)
+    return rstd.view(*lead, R), shift.view(*lead, R)
+
+
+class PairStats(torch.autograd.Function):
+    """apply(a [N, r, la], b [N, r, lb], scope, eps) -> (rstd, shift) [N, r], see pair_stats."""
+
+    @staticmethod
+    def forward(ctx, a, b, scope: int, eps: float):
+        a, b = a.contiguous(), b.contiguous()
+        rstd, shift = extension().pair_stats_forward(a, b, scope, eps)
+        ctx.scope = scope
+        ctx.save_for_backward(a, b, rstd)
+        return rstd, shift
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_rstd, g_shift):
+        a, b, rstd = ctx.saved_tensors
+        ga, gb = extension().pair_stats_backward(a, b, rstd, g_rstd.contiguous(), g_shift.contiguous(), ctx.scope)
+        return ga, gb, None, None
+
+
 SIDE_FIELDS = ("c", "P", "Q", "W", "beta", "m", "sigma")
 
 

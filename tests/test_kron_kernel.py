@@ -8,7 +8,7 @@ import torch
 from conftest import adapted, batch, on_one_and_several_threads
 from tensorpoly import kron_kernel
 from tensorpoly.kron_kernel import SCOPES
-from tensorpoly.adapters.tlora import MemberRows
+from tensorpoly.adapters.tlora import MemberRows, pair_stats
 from tensorpoly.tensor_product import StackedNorms, kron_rows, make_pair_norms, pair_norm
 
 needs_kernel = pytest.mark.skipif(kron_kernel.extension() is None,
@@ -144,6 +144,39 @@ def test_normed_pair_without_affine_equals_layer_norm(scope, dtype, lengths):
     if dtype == torch.float64:
         assert torch.autograd.gradcheck(
             lambda x, y: kron_kernel.PairNorm.apply(x, y, None, None, SCOPES[scope], la * lb, 1e-5), (a[:2], b[:2]))
+
+
+def stats_written_out(a, b, scope, eps):
+    """Independent computation: the statistics over the written-out products a ⊗ b."""
+    z = kron_rows(a, b)  # [..., r, la lb]
+    dims = (-2, -1) if scope == "joint" else (-1,)
+    var, mean = torch.var_mean(z, dims, unbiased=False, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    return (rstd * torch.ones_like(z[..., :1])).squeeze(-1), (mean * rstd * torch.ones_like(z[..., :1])).squeeze(-1)
+
+
+@needs_kernel
+@pytest.mark.parametrize("scope", ["joint", "row"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "ops"])
+def test_pair_stats_equal_the_statistics_of_the_products(scope, dtype, kernel):
+    """rstd and mean * rstd of LN(a ⊗ b) from the leaves (order 2's folded norm), by the kernel and by the
+    PyTorch ops, against the statistics of the written-out products: values and gradients."""
+    g = torch.Generator().manual_seed(5)
+    a = (torch.randn(3, 2, 4, 5, generator=g, dtype=dtype) + 0.8).requires_grad_()
+    b = (torch.randn(3, 2, 4, 7, generator=g, dtype=dtype) - 0.3).requires_grad_()
+    with kron_kernel.fused_kernels(kernel):
+        got = pair_stats(a, b, scope, 1e-5)
+    want = stats_written_out(a, b, scope, 1e-5)
+    tol = dict(rtol=1e-11, atol=1e-11) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    weights = [torch.randn(want[0].shape, generator=g, dtype=dtype) for _ in range(2)]
+    got_grads = torch.autograd.grad(sum((t * w).sum() for t, w in zip(got, weights)), (a, b))
+    want_grads = torch.autograd.grad(sum((t * w).sum() for t, w in zip(want, weights)), (a, b))
+    for x, y in zip(got + got_grads, want + want_grads):
+        torch.testing.assert_close(x, y, **tol)
+    if kernel and dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda x, y: kron_kernel.PairStats.apply(x, y, SCOPES[scope], 1e-5),
+                                        (a[0].detach().requires_grad_(), b[0].detach().requires_grad_()))
 
 
 @needs_kernel

@@ -237,7 +237,22 @@ def folded_pair_norm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None, n
     if norm is None:
         return (c, a, b, None, None, None, None)
     scope, eps, W, beta = norm
-    mean_a, mean_b = a.mean(-1), b.mean(-1)  # [G, E, r]
+    rstd, shift = pair_stats(a, b, scope, eps)  # [G, E, r]
+    if c is None:
+        sigma = None if W is None else torch.ones(rstd.shape[:2], dtype=a.dtype)
+        return (rstd.unsqueeze(2), a, b, W, beta, shift.expand(rstd.shape), sigma)
+    coef = c.unsqueeze(-1) * rstd.unsqueeze(1)  # [G, U, S, r]
+    m = torch.einsum("gus,gsr->gur", c, shift.expand(rstd.shape))
+    return (coef, a, b, W, beta, m, None if W is None else c.sum(-1))
+
+
+def pair_stats(a: torch.Tensor, b: torch.Tensor, scope: str, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rstd, mean * rstd) [..., r] of the LayerNorm over the entries of a ⊗ b (scope "row": each row,
+    "joint": a block's r rows together, repeated per row), from the leaves' statistics as folded_pair_norm
+    says: by the kernel where it runs (one call each way instead of a dozen small ops), else by these."""
+    if kron_kernel.usable(a, b):
+        return kron_kernel.pair_stats(a, b, scope, eps)
+    mean_a, mean_b = a.mean(-1), b.mean(-1)
     var_a, var_b = (a - mean_a.unsqueeze(-1)).square().mean(-1), (b - mean_b.unsqueeze(-1)).square().mean(-1)
     mean = mean_a * mean_b
     var = mean_a.square() * var_b + mean_b.square() * var_a + var_a * var_b
@@ -245,13 +260,7 @@ def folded_pair_norm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None, n
         row_means, mean = mean, mean.mean(-1, keepdim=True)
         var = var.mean(-1, keepdim=True) + (row_means - mean).square().mean(-1, keepdim=True)
     rstd = torch.rsqrt(var + eps).expand(mean_a.shape)
-    shift = mean * rstd
-    if c is None:
-        sigma = None if W is None else torch.ones(rstd.shape[:2], dtype=a.dtype)
-        return (rstd.unsqueeze(2), a, b, W, beta, shift.expand(rstd.shape), sigma)
-    coef = c.unsqueeze(-1) * rstd.unsqueeze(1)  # [G, U, S, r]
-    m = torch.einsum("gus,gsr->gur", c, shift.expand(rstd.shape))
-    return (coef, a, b, W, beta, m, None if W is None else c.sum(-1))
+    return rstd, mean * rstd
 
 
 def group_members(w, P, Q, d: int, transpose: bool) -> tuple:

@@ -698,6 +698,94 @@ std::vector<torch::Tensor> pair_norm_backward(torch::Tensor a, torch::Tensor bv,
   return {ga, gb, gW, gbeta};
 }
 
+
+// ---- LayerNorm statistics of leaf pairs from the leaves' own --------------------------------------
+// rstd and shift = mean * rstd of the entries a_i b_j of each row r of block n (scope row), or of all R
+// rows of block n together (scope joint: each row gets its block's), [N, R]: what order 2 folds into
+// the fused update's coefficients (adapters/tlora.py folded_pair_norm), in one call each way.
+std::vector<torch::Tensor> pair_stats_forward(torch::Tensor a, torch::Tensor bv, int64_t scope, double eps) {
+  check(a, "a"); check(bv, "b");
+  const int64_t N = a.size(0), R = a.size(1), la = a.size(2), lb = bv.size(2);
+  TORCH_CHECK(bv.size(0) == N && bv.size(1) == R && (scope == kJoint || scope == kRow),
+              "pair_stats_forward: a [N, R, la], b [N, R, lb], scope joint or row");
+  auto rstd = torch::empty({N, R}, a.options());
+  auto shift = torch::empty({N, R}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "pair_stats_forward", [&] {
+    using T = scalar_t;
+    const T *pa = a.data_ptr<T>(), *pb = bv.data_ptr<T>();
+    T *pr = rstd.data_ptr<T>(), *ps = shift.data_ptr<T>();
+    const int64_t groups = scope == kJoint ? 1 : R, rows = scope == kJoint ? R : 1;
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        for (int64_t s = 0; s < groups; ++s) {
+          T mu, var;
+          folded_moments(pa + n * R * la, pb + n * R * lb, s * rows, rows, la, lb, mu, var);
+          const T inv = static_cast<T>(1.0 / std::sqrt(static_cast<double>(var) + eps));
+          for (int64_t r = s * rows; r < (s + 1) * rows; ++r) {
+            pr[n * R + r] = inv;
+            ps[n * R + r] = mu * inv;
+          }
+        }
+      }
+    });
+  });
+  return {rstd, shift};
+}
+
+// Gradients of a and b from those of rstd and shift. Per row, with mean = ma mb and var = ma^2 vb +
+// mb^2 va + va vb (ma, va: the mean and variance of a's entries): d var / d ma = 2 ma vb, d var / d va =
+// mb^2 + vb, and d ma / d a_i = 1 / la, d va / d a_i = 2 (a_i - ma) / la (likewise for b). Joint: the
+// block's mean is the rows' mean, its variance theirs plus the variance of their means, so a row's
+// mean gets g_mean / R + g_var 2 (mean_r - mean) / R and its variance g_var / R.
+std::vector<torch::Tensor> pair_stats_backward(torch::Tensor a, torch::Tensor bv, torch::Tensor rstd,
+                                               torch::Tensor g_rstd, torch::Tensor g_shift, int64_t scope) {
+  check(a, "a"); check(bv, "b"); check(rstd, "rstd"); check(g_rstd, "grad rstd");
+  check(g_shift, "grad shift");
+  const int64_t N = a.size(0), R = a.size(1), la = a.size(2), lb = bv.size(2);
+  auto ga = torch::empty_like(a);
+  auto gb = torch::empty_like(bv);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "pair_stats_backward", [&] {
+    using T = scalar_t;
+    const T *pa = a.data_ptr<T>(), *pb = bv.data_ptr<T>(), *pr = rstd.data_ptr<T>();
+    const T *gr = g_rstd.data_ptr<T>(), *gs = g_shift.data_ptr<T>();
+    T *pga = ga.data_ptr<T>(), *pgb = gb.data_ptr<T>();
+    const int64_t groups = scope == kJoint ? 1 : R, rows = scope == kJoint ? R : 1;
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> ma(rows), va(rows), mb(rows), vb(rows);
+      for (int64_t n = begin; n < end; ++n) {
+        for (int64_t s = 0; s < groups; ++s) {
+          const int64_t r0 = s * rows;
+          T mu = 0;
+          for (int64_t k = 0; k < rows; ++k) {
+            moments(pa + (n * R + r0 + k) * la, la, ma[k], va[k]);
+            moments(pb + (n * R + r0 + k) * lb, lb, mb[k], vb[k]);
+            mu += ma[k] * mb[k];
+          }
+          mu /= static_cast<T>(rows);
+          const T inv = pr[n * R + r0];
+          T g_inv = 0, g_sh = 0;
+          for (int64_t r = r0; r < r0 + rows; ++r) g_inv += gr[n * R + r], g_sh += gs[n * R + r];
+          const T g_mu = g_sh * inv, g_var = T(-0.5) * (g_inv + g_sh * mu) * inv * inv * inv;
+          for (int64_t k = 0; k < rows; ++k) {
+            const int64_t r = r0 + k;
+            const T g_mean = (g_mu + g_var * 2 * (ma[k] * mb[k] - mu)) / static_cast<T>(rows);
+            const T g_v = g_var / static_cast<T>(rows);
+            const T g_ma = g_mean * mb[k] + g_v * 2 * ma[k] * vb[k], g_va = g_v * (mb[k] * mb[k] + vb[k]);
+            const T g_mb = g_mean * ma[k] + g_v * 2 * mb[k] * va[k], g_vb = g_v * (ma[k] * ma[k] + va[k]);
+            const T* ar = pa + (n * R + r) * la;
+            const T* br = pb + (n * R + r) * lb;
+            T* gar = pga + (n * R + r) * la;
+            T* gbr = pgb + (n * R + r) * lb;
+            for (int64_t i = 0; i < la; ++i) gar[i] = (g_ma + g_va * 2 * (ar[i] - ma[k])) / static_cast<T>(la);
+            for (int64_t j = 0; j < lb; ++j) gbr[j] = (g_mb + g_vb * 2 * (br[j] - mb[k])) / static_cast<T>(lb);
+          }
+        }
+      }
+    });
+  });
+  return {ga, gb};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -707,6 +795,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("plain_kron_backward", &plain_kron_backward, "(grad P, grad Q) from G members' gradient rows");
   m.def("pair_norm_forward", &pair_norm_forward, "(LN(a (x) b) with affine, mean, rstd)");
   m.def("pair_norm_backward", &pair_norm_backward, "(grad a, grad b, grad W, grad beta)");
+  m.def("pair_stats_forward", &pair_stats_forward, "(rstd, mean * rstd) of LN over a (x) b, from the leaves");
+  m.def("pair_stats_backward", &pair_stats_backward, "(grad a, grad b) of pair_stats_forward");
   m.def("kron_lowrank_forward", &kron_lowrank_forward, "(out + (x A_u) B_u, scale x A_u), factors never stored");
   m.def("kron_lowrank_backward", &kron_lowrank_backward, "(grad x, grads of both sides' operands)");
 }
