@@ -170,37 +170,38 @@ struct Built {
   // wait on each other (with short chunks one chain per chunk is latency-bound).
   template <int NV>
   void row_chunks(const Side<T>& sd, int64_t r, const V* Qv, T* row) const {
-    constexpr int64_t IB = NV == 0 ? 1 : NV == 1 ? 8 : 4;
-    const int64_t S = sd.S, p = sd.p, q = sd.q, nv = NV == 0 ? (q + W - 1) / W : NV;
-    const int64_t i_end = std::min(p, (sd.d + q - 1) / q);
-    const T* pw = reinterpret_cast<const T*>(Pw.data());
-    std::vector<V> wide(NV == 0 ? nv : 0);
-    for (int64_t i0 = 0; i0 < i_end; i0 += IB) {
-      const int64_t ib = std::min(IB, i_end - i0);
-      if constexpr (NV == 0) {
-        for (int64_t k = 0; k < nv; ++k) wide[k] = V{};
-        for (int64_t s = 0; s < S; ++s) {
-          const T c = pw[(s * p + i0) * RV * W + r];
-          for (int64_t k = 0; k < nv; ++k) wide[k] += c * Qv[s * nv + k];
-        }
-        for (int64_t k = 0; k < nv; ++k) stv(row + i0 * q + k * W, wide[k]);
-      } else {
-        V acc[IB][NV] = {};
-        for (int64_t s = 0; s < S; ++s) {
-          V qs[NV];
-          for (int k = 0; k < NV; ++k) qs[k] = Qv[s * NV + k];
-          const T* c = pw + (s * p + i0) * RV * W + r;
-          for (int64_t b = 0; b < IB; ++b) {
-            if (b < ib) {
-              const T cb = c[b * RV * W];
-              for (int k = 0; k < NV; ++k) acc[b][k] += cb * qs[k];
-            }
-          }
-        }
-        // A chunk's padding lanes spill into the next chunk, written after it; the stride leaves room.
-        for (int64_t b = 0; b < ib; ++b)
-          for (int k = 0; k < NV; ++k) stv(row + (i0 + b) * q + k * W, acc[b][k]);
+    constexpr int IB = NV == 0 ? 1 : NV == 1 ? 8 : 4;
+    const int64_t i_end = std::min(sd.p, (sd.d + sd.q - 1) / sd.q);
+    int64_t i0 = 0;
+    for (; i0 + IB <= i_end; i0 += IB) chunk_block<NV, IB>(sd, r, Qv, row, i0);
+    for (; i0 < i_end; ++i0) chunk_block<NV, 1>(sd, r, Qv, row, i0);
+  }
+
+  template <int NV, int IB>
+  inline void chunk_block(const Side<T>& sd, int64_t r, const V* Qv, T* row, int64_t i0) const {
+    const int64_t S = sd.S, p = sd.p, q = sd.q;
+    const T* pw = reinterpret_cast<const T*>(Pw.data()) + i0 * RV * W + r;
+    if constexpr (NV == 0) {
+      const int64_t nv = (q + W - 1) / W;
+      for (int64_t k = 0; k < nv; ++k) {
+        V acc{};
+        for (int64_t s = 0; s < S; ++s) acc += pw[s * p * RV * W] * Qv[s * nv + k];
+        stv(row + i0 * q + k * W, acc);
       }
+    } else {
+      V acc[IB][NV] = {};
+      for (int64_t s = 0; s < S; ++s) {
+        V qs[NV];
+        for (int k = 0; k < NV; ++k) qs[k] = Qv[s * NV + k];
+        const T* c = pw + s * p * RV * W;
+        for (int b = 0; b < IB; ++b) {
+          const T cb = c[b * RV * W];
+          for (int k = 0; k < NV; ++k) acc[b][k] += cb * qs[k];
+        }
+      }
+      // A chunk's padding lanes spill into the next chunk, written after it; the stride leaves room.
+      for (int b = 0; b < IB; ++b)
+        for (int k = 0; k < NV; ++k) stv(row + (i0 + b) * q + k * W, acc[b][k]);
     }
   }
 
