@@ -336,63 +336,51 @@ def test_order_2_folded_norm_materialises_to_the_normalised_pairs(module_type, n
                 torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
+def check_identity_affine_left_out(model, function, affine_at: int, change) -> None:
+    """Every pair norm's affine set to the identity, then changed in place by change(first norm): the
+    kernel `function` gets no affine (its argument affine_at is None) before the change and some after,
+    and the model's logits and gradients equal the PyTorch ops' both times."""
+    calls = []
+    apply = function.apply
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(function, "apply", lambda *a: calls.append(a) or apply(*a))
+        norms = [n for _, adapter in model.adapters() for side in ("A", "B") for n in getattr(adapter, f"norms_{side}")]
+        assert norms and not any(n.weight.requires_grad for n in norms)
+        with torch.no_grad():
+            for n in norms:
+                n.weight.fill_(1.0)
+                n.bias.zero_()
+        task_ids = [2, 0, 2, 3]
+        for changed in (False, True):
+            if changed:
+                with torch.no_grad():
+                    change(norms[0])
+            calls.clear()
+            with kron_kernel.fused_kernels(False):
+                logits_off, grads_off = run_step(model, task_ids)
+            logits_on, grads_on = run_step(model, task_ids)
+            assert calls and any(call[affine_at] is not None for call in calls) == changed
+            torch.testing.assert_close(logits_on, logits_off, rtol=1e-12, atol=1e-12)
+            for name in grads_off:
+                assert_grad_close(grads_on[name], grads_off[name], name)
+
+
 @needs_kernel
 @pytest.mark.parametrize("module_type", ["tensorpoly1", "tensorpoly2"])
-def test_frozen_identity_norm_affine_is_left_out_only_while_it_is_one(module_type, monkeypatch):
+def test_frozen_identity_norm_affine_is_left_out_only_while_it_is_one(module_type):
     """The paper's setting (LN affine frozen at the identity): the fused update gets no W or beta. Once a
-    frozen affine is changed in place (say by loading a checkpoint), the next build uses it again."""
-    calls = []
-    apply = kron_kernel.KronLowRank.apply
-    monkeypatch.setattr(kron_kernel.KronLowRank, "apply", lambda *a: calls.append(a) or apply(*a))
+    frozen affine is changed in place (say by loading a checkpoint), the next build uses it again
+    (the first adapted layer's A side: its group now needs W)."""
     model = adapted(module_type, order=2).train()
-    norms = [n for _, adapter in model.adapters() for side in ("A", "B") for n in getattr(adapter, f"norms_{side}")]
-    assert norms and not any(n.weight.requires_grad for n in norms)
-    with torch.no_grad():
-        for n in norms:
-            n.weight.fill_(1.0)
-            n.bias.zero_()
-    task_ids = [2, 0, 2, 3]
-    for changed in (False, True):
-        if changed:
-            with torch.no_grad():
-                norms[0].weight.mul_(1.5)  # the first adapted layer's A side: its group now needs W
-        calls.clear()
-        with kron_kernel.fused_kernels(False):
-            logits_off, grads_off = run_step(model, task_ids)
-        logits_on, grads_on = run_step(model, task_ids)
-        weights_given = [call[8] is not None for call in calls]  # side A's W (x, out, task, scale, mixed, c, P, Q, W)
-        assert len(calls) == len(norms) // 2 and any(weights_given) == changed
-        torch.testing.assert_close(logits_on, logits_off, rtol=1e-12, atol=1e-12)
-        for name in grads_off:
-            assert_grad_close(grads_on[name], grads_off[name], name)
+    # side A's W: (x, out, task, scale, mixed, c, P, Q, W, ...)
+    check_identity_affine_left_out(model, kron_kernel.KronLowRank, 8, lambda norm: norm.weight.mul_(1.5))
 
 
 @needs_kernel
 @pytest.mark.parametrize("module_type", ["tlora", "tensorpoly1", "tensorpoly2"])
-def test_frozen_identity_affine_of_stacked_pair_norms_is_left_out_only_while_it_is_one(module_type, monkeypatch):
+def test_frozen_identity_affine_of_stacked_pair_norms_is_left_out_only_while_it_is_one(module_type):
     """From order 3 on the group's pair norms run stacked (StackedNorms): with every affine frozen at the
     identity no affine is stacked or applied; once one changes in place, the group applies them all."""
-    calls = []
-    apply = kron_kernel.PairNorm.apply
-    monkeypatch.setattr(kron_kernel.PairNorm, "apply", lambda *a: calls.append(a) or apply(*a))
     model = adapted(module_type, order=4).train()
-    norms = [n for _, adapter in model.adapters() for side in ("A", "B") for n in getattr(adapter, f"norms_{side}")]
-    assert norms and not any(n.weight.requires_grad for n in norms)
-    with torch.no_grad():
-        for n in norms:
-            n.weight.fill_(1.0)
-            n.bias.zero_()
-    task_ids = [2, 0, 2, 3]
-    for changed in (False, True):
-        if changed:
-            with torch.no_grad():
-                norms[0].bias.add_(0.25)
-        calls.clear()
-        with kron_kernel.fused_kernels(False):
-            logits_off, grads_off = run_step(model, task_ids)
-        logits_on, grads_on = run_step(model, task_ids)
-        affines_given = [call[2] is not None for call in calls]  # (a, b, W, beta, scope, used, eps)
-        assert calls and any(affines_given) == changed
-        torch.testing.assert_close(logits_on, logits_off, rtol=1e-12, atol=1e-12)
-        for name in grads_off:
-            assert_grad_close(grads_on[name], grads_off[name], name)
+    # PairNorm.apply(a, b, W, beta, scope, used, eps)
+    check_identity_affine_left_out(model, kron_kernel.PairNorm, 2, lambda norm: norm.bias.add_(0.25))

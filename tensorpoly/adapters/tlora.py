@@ -187,7 +187,8 @@ class KronFactors(Factors):
         return side_rows(A, self.dims[0], self.mixed).transpose(-1, -2), side_rows(B, self.dims[1], self.mixed)
 
     def low_rank(self, x, out, inverse, rank):
-        if not kron_kernel.low_rank_usable(x, out, *self.pieces):
+        # The pieces share one dtype and device (built from one member's leaves): the first stands for all.
+        if not kron_kernel.low_rank_usable(x, out, self.pieces[0]):
             return None
         return kron_kernel.low_rank(x, out, inverse, rank, self.mixed, *self.sides())
 

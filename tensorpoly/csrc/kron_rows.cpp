@@ -354,6 +354,15 @@ inline void folded_moments(const T* a, const T* bv, int64_t first, int64_t rows,
   var = (sum_var + sum_sq_mean) / static_cast<T>(rows);
 }
 
+// mean and rstd of the LayerNorm over group s (rows s rows .. (s + 1) rows) of block n, from the leaves.
+template <typename T>
+inline void group_stats(const T* a, const T* bv, int64_t n, int64_t s, int64_t rows, int64_t R, int64_t la,
+                        int64_t lb, double eps, T& mu, T& inv) {
+  T var;
+  folded_moments(a + n * R * la, bv + n * R * lb, s * rows, rows, la, lb, mu, var);
+  inv = static_cast<T>(1.0 / std::sqrt(static_cast<double>(var) + eps));
+}
+
 template <typename T>
 void pair_forward(const T* a, const T* bv, const T* W, const T* beta, T* y, T* mean, T* rstd, int64_t B, int64_t R,
                   int64_t la, int64_t lb, int64_t Gw, int64_t Rw, int scope, int64_t used, double eps) {
@@ -365,9 +374,9 @@ void pair_forward(const T* a, const T* bv, const T* W, const T* beta, T* y, T* m
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         for (int64_t s = 0; s < groups; ++s) {
-          T mu, var;
-          folded_moments(a + b * R * la, bv + b * R * lb, s * rows, rows, la, lb, mu, var);
-          const T inv = static_cast<T>(1.0 / std::sqrt(static_cast<double>(var) + eps)), shift = mu * inv;
+          T mu, inv;
+          group_stats(a, bv, b, s, rows, R, la, lb, eps, mu, inv);
+          const T shift = mu * inv;
           mean[b * groups + s] = mu;
           rstd[b * groups + s] = inv;
           for (int64_t r = s * rows; r < (s + 1) * rows; ++r) {
@@ -732,9 +741,8 @@ std::vector<torch::Tensor> pair_stats_forward(torch::Tensor a, torch::Tensor bv,
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         for (int64_t s = 0; s < groups; ++s) {
-          T mu, var;
-          folded_moments(pa + n * R * la, pb + n * R * lb, s * rows, rows, la, lb, mu, var);
-          const T inv = static_cast<T>(1.0 / std::sqrt(static_cast<double>(var) + eps));
+          T mu, inv;
+          group_stats(pa, pb, n, s, rows, R, la, lb, eps, mu, inv);
           for (int64_t r = s * rows; r < (s + 1) * rows; ++r) {
             pr[n * R + r] = inv;
             ps[n * R + r] = mu * inv;
